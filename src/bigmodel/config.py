@@ -1,0 +1,276 @@
+"""Run configuration: dataclasses, presets, TOML load/save and `--set a.b=value` overrides.
+
+A run is described by one `RunConfig` = `model` (GPTConfig) + `train` (TrainConfig). It is resolved in
+this order: preset -> TOML file -> `--set` overrides, then validated. Unknown keys are errors that list
+the closest valid names. The resolved config is written as TOML into every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from bigmodel.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config key or value is invalid; the message names the field and the allowed values."""
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+@dataclass(kw_only=True)
+class GPTConfig:
+    """GPT-2 architecture hyper-parameters (field names follow nanoGPT; HF names are mapped in models/hf.py)."""
+
+    vocab_size: int | None = None  # None: taken from the data's tokenizer at train time
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2 has
+
+    def __post_init__(self) -> None:
+        if self.vocab_size is not None:
+            _check(self.vocab_size >= 2, "model.vocab_size", self.vocab_size, "an integer >= 2")
+        _check(self.block_size >= 1, "model.block_size", self.block_size, "an integer >= 1")
+        _check(self.n_layer >= 1, "model.n_layer", self.n_layer, "an integer >= 1")
+        _check(self.n_head >= 1, "model.n_head", self.n_head, "an integer >= 1")
+        _check(self.n_embd >= 1, "model.n_embd", self.n_embd, "an integer >= 1")
+        _check(
+            self.n_embd % self.n_head == 0,
+            "model.n_embd",
+            self.n_embd,
+            f"a multiple of model.n_head={self.n_head}",
+        )
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a float in [0, 1)")
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation, schedule, logging and checkpointing of one training run."""
+
+    max_steps: int = 2000  # optimizer steps
+    max_minutes: float = 0.0  # wall-clock budget for training; 0 = none. The schedule then follows the clock.
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # decoupled (AdamW), on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    batch_tokens: int = 8192  # global batch: tokens per optimizer step
+    micro_batch: int = 16  # sequences per forward/backward; gradient accumulation makes up the rest
+    eval_every: int = 250  # steps between validation evaluations; 0 = only at the end
+    eval_tokens: int = 65536  # validation tokens per periodic evaluation (the final one uses the whole split)
+    checkpoint_every: int = 500  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # keep the newest K complete checkpoints
+    log_every: int = 10  # steps between metrics.csv rows
+    precision: str = "auto"  # auto: bf16 autocast where the hardware supports it, else fp32
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
+    deterministic: bool = False  # torch deterministic algorithms: bit-equal losses after --resume
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "train.max_steps", self.max_steps, "an integer >= 1")
+        _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "minutes >= 0 (0 = no budget)")
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a finite float > 0")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a float >= 0")
+        _check(0 <= self.beta1 < 1, "train.beta1", self.beta1, "a float in [0, 1)")
+        _check(0 <= self.beta2 < 1, "train.beta2", self.beta2, "a float in [0, 1)")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 = no clipping)")
+        _check(self.batch_tokens >= 1, "train.batch_tokens", self.batch_tokens, "an integer >= 1")
+        _check(self.micro_batch >= 1, "train.micro_batch", self.micro_batch, "an integer >= 1")
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
+        _check(self.eval_tokens >= 1, "train.eval_tokens", self.eval_tokens, "an integer >= 1")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+        _check(self.precision in PRECISIONS, "train.precision", self.precision, " | ".join(PRECISIONS))
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything that defines a training run; written as config.toml into the run and its checkpoints."""
+
+    preset: str = "small"
+    model: GPTConfig = field(default_factory=GPTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        """Micro-steps per optimizer step so that one step sees `train.batch_tokens` tokens."""
+        per_micro = self.train.micro_batch * self.model.block_size * world_size
+        if self.train.batch_tokens % per_micro:
+            raise ConfigError(
+                f"train.batch_tokens={self.train.batch_tokens} is not a multiple of train.micro_batch * "
+                f"model.block_size * world_size = {per_micro}; set train.batch_tokens to a multiple of it "
+                f"(e.g. {max(1, round(self.train.batch_tokens / per_micro)) * per_micro})"
+            )
+        return self.train.batch_tokens // per_micro
+
+
+# Named model shapes. `tiny` is for tests, `small` is tuned for the 5-minute CPU demo, `gpt2` is GPT-2 124M.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "model": dict(block_size=64, n_layer=2, n_head=2, n_embd=64),
+        "train": dict(max_steps=50, lr=3e-3, warmup_steps=5, batch_tokens=1024, micro_batch=8, eval_every=25,
+                      eval_tokens=4096, checkpoint_every=25, log_every=1),
+    },
+    "small": {
+        "model": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0),
+        "train": dict(max_steps=5000, lr=2e-3, warmup_steps=50, batch_tokens=8192, micro_batch=16,
+                      eval_every=100, eval_tokens=32768, checkpoint_every=250),
+    },
+    "gpt2": {
+        "model": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768),
+        "train": dict(lr=6e-4, warmup_steps=700, batch_tokens=524288, micro_batch=8),
+    },
+    "gpt2-medium": {
+        "model": dict(block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+        "train": dict(lr=3e-4, warmup_steps=700, batch_tokens=524288, micro_batch=4),
+    },
+}
+
+
+def _close(name: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(near)}?" if near else f"valid keys: {', '.join(options)}"
+
+
+def _coerce(key: str, annotation: str, value: Any) -> Any:
+    """Convert a TOML/CLI value to the field's declared type, or raise ConfigError naming the key."""
+    kinds = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    for kind in kinds:
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "bool" and isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "str" and isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {annotation}")
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field[Any]]:
+    cls = {"model": GPTConfig, "train": TrainConfig}[section]
+    return {f.name: f for f in fields(cls)}
+
+
+def _set(raw: dict[str, dict[str, Any]], key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    if section not in ("model", "train") or not name:
+        raise ConfigError(f"unknown config key {key!r}: keys look like model.<field> or train.<field>")
+    known = _section_fields(section)
+    if name not in known:
+        raise ConfigError(f"unknown config key {key!r}; {_close(name, sorted(known))}")
+    raw[section][name] = _coerce(key, str(known[name].type), value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003). Values are TOML literals; bare words are strings."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r} is not of the form key=value (e.g. --set train.lr=3e-4)")
+    value = value.strip()
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def resolve_config(
+    preset: str | None = None,
+    toml_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Build a validated RunConfig: preset, then the TOML file, then `key=value` overrides."""
+    raw: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    file_data: dict[str, Any] = {}
+    if toml_path is not None:
+        path = Path(toml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing .toml file to --config")
+        try:
+            file_data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    name = preset or file_data.get("preset") or "small"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; {_close(name, sorted(PRESETS))}")
+    for section, values in PRESETS[name].items():
+        for k, v in values.items():
+            _set(raw, f"{section}.{k}", v)
+    for top, values in file_data.items():
+        if top == "preset":
+            continue
+        if top not in ("model", "train") or not isinstance(values, dict):
+            raise ConfigError(f"unknown table [{top}] in {toml_path}; expected [model] and [train]")
+        for k, v in values.items():
+            _set(raw, f"{top}.{k}", v)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set(raw, key, value)
+    return RunConfig(preset=name, model=GPTConfig(**raw["model"]), train=TrainConfig(**raw["train"]))
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from `to_dict` output (e.g. a checkpoint's config.toml)."""
+    raw: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    for section in ("model", "train"):
+        for k, v in data.get(section, {}).items():
+            _set(raw, f"{section}.{k}", v)
+    return RunConfig(
+        preset=str(data.get("preset", "small")), model=GPTConfig(**raw["model"]), train=TrainConfig(**raw["train"])
+    )
+
+
+def load_toml(path: str | Path) -> RunConfig:
+    return config_from_dict(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: RunConfig) -> str:
+    """Serialise as TOML (None values are omitted: TOML has no null, and None is every such field's default)."""
+    lines = [f"preset = {json.dumps(config.preset)}"]
+    for section in ("model", "train"):
+        lines += ["", f"[{section}]"]
+        for k, v in dataclasses.asdict(getattr(config, section)).items():
+            if v is None:
+                continue
+            if isinstance(v, bool):
+                lines.append(f"{k} = {'true' if v else 'false'}")
+            elif isinstance(v, float):
+                lines.append(f"{k} = {v!r}")
+            else:
+                lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def diff_configs(a: GPTConfig | TrainConfig, b: GPTConfig | TrainConfig, prefix: str) -> list[str]:
+    """Fields that differ, as 'prefix.field: a -> b' strings."""
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    return [f"{prefix}.{k}: {da[k]!r} -> {db[k]!r}" for k in da if da[k] != db[k]]

@@ -1,0 +1,1 @@
+"""Tokenizers, token shards and the loader that reads them."""

@@ -1,0 +1,152 @@
+"""GPT-2: learned positions, pre-LayerNorm blocks, GELU MLP, tied input/output embeddings.
+
+Parameter names follow GPT-2's (transformer.h.N.attn.c_attn, ...), so the Hugging Face layout in
+models/hf.py is a rename-free mapping (only GPT-2's Conv1D weights are stored transposed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigmodel.config import GPTConfig
+from bigmodel.nn.attention import CausalSelfAttention, KVCache
+
+if TYPE_CHECKING:
+    from bigmodel.data.tokenizer import Tokenizer
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (torch's has none-or-both)."""
+
+    def __init__(self, ndim: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C); GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(x))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("GPTConfig.vocab_size is None: set it to the tokenizer's vocabulary size")
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, saved once
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (tied weights once); by default without position embeddings, as GPT-2 reports."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only) and the mean loss."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the context window "
+                f"(block_size={self.config.block_size})"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C): generation needs only the next-token logits
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        c = self.config
+        return KVCache(
+            c.n_layer, batch, c.n_head, max_len or c.block_size, c.n_embd // c.n_head,
+            dtype=dtype or self.transformer.wte.weight.dtype, device=self.transformer.wte.weight.device,
+        )
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Continue `input_ids` (B, T); keywords as in transformers' `generate` (see bigmodel.generation)."""
+        from bigmodel.generation import generate  # generation builds on models, not the other way round
+
+        return generate(self, input_ids, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> GPT:
+        """Load a model directory (ours or one saved by transformers' GPT2LMHeadModel)."""
+        from bigmodel.models.hf import load_gpt
+
+        return load_gpt(path)
+
+    def save_pretrained(self, path: str | Path, tokenizer: Tokenizer | None = None) -> None:
+        """Write config.json, model.safetensors, generation_config.json (and the tokenizer when given)."""
+        from bigmodel.models.hf import save_gpt
+
+        save_gpt(self, path, tokenizer)

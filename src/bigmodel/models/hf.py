@@ -1,0 +1,149 @@
+"""Hugging Face model-directory layout for GPT: config.json + model.safetensors + generation_config.json.
+
+The files are what `transformers.GPT2LMHeadModel.save_pretrained` writes, so transformers loads our
+directories and we load theirs. GPT-2 stores its projections as Conv1D, i.e. Linear weights transposed;
+a model trained without biases is exported with zero biases (GPT-2 always has them), which computes the
+same function.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+
+from bigmodel import atomic
+from bigmodel.config import GPTConfig
+from bigmodel.errors import UserError
+from bigmodel.models.gpt import GPT
+
+if TYPE_CHECKING:
+    from bigmodel.data.tokenizer import Tokenizer
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+UNSAFE_WEIGHTS = ("pytorch_model.bin", "model.pt", "model.bin", "pytorch_model.pt")
+
+
+def hf_config(config: GPTConfig, eot_id: int | None) -> dict[str, Any]:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "torch_dtype": "float32",
+        "bigmodel_bias": config.bias,  # extra field: False means the zero biases below can be dropped on load
+    }
+
+
+def gpt_config_from_hf(cfg: dict[str, Any], where: Path) -> GPTConfig:
+    if cfg.get("model_type") != "gpt2":
+        raise UserError(f"{where}: model_type is {cfg.get('model_type')!r}; bigmodel's GPT loads 'gpt2' models")
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"{where}: activation_function {act!r} is not supported (GPT-2 uses 'gelu_new')")
+    if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
+        raise UserError(f"{where}: n_inner={cfg['n_inner']} is not supported (only 4 * n_embd)")
+    if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False):
+        raise UserError(f"{where}: non-standard attention scaling is not supported")
+    if abs(cfg.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise UserError(f"{where}: layer_norm_epsilon={cfg['layer_norm_epsilon']} is not supported (only 1e-5)")
+    return GPTConfig(
+        vocab_size=cfg["vocab_size"],
+        block_size=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
+        n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"],
+        n_embd=cfg["n_embd"],
+        dropout=cfg.get("resid_pdrop", 0.0),
+        bias=cfg.get("bigmodel_bias", True),
+    )
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to transformer.wte.weight
+        sd[name] = tensor.t() if name.endswith(CONV1D) else tensor
+    if not model.config.bias:  # GPT-2 always has biases: zeros make the same function
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                sd[f"{name}.bias"] = torch.zeros(module.out_features)
+            elif name.endswith(("ln_1", "ln_2", "ln_f")):
+                sd[f"{name}.bias"] = torch.zeros(model.config.n_embd)
+    return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+def save_gpt(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    eot = tokenizer.eot_id if tokenizer is not None else None
+    atomic.write_safetensors(path / "model.safetensors", to_hf_state_dict(model), metadata={"format": "pt"})
+    atomic.write_json(path / "config.json", hf_config(model.config, eot))
+    gen = {"bos_token_id": eot, "eos_token_id": eot, "do_sample": True, "top_k": 50, "max_length": model.config.block_size}
+    atomic.write_json(path / "generation_config.json", gen)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path, model_max_length=model.config.block_size)
+
+
+def load_gpt(path: str | Path) -> GPT:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model directory {path} does not exist; pass a directory written by `bigmodel train` "
+                        "(RUN/final) or by transformers' save_pretrained")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        unsafe = [n for n in UNSAFE_WEIGHTS if (path / n).exists()]
+        hint = (f" It has {unsafe[0]}, a pickle file that bigmodel never loads: convert it to safetensors "
+                "with transformers (save_pretrained(dir, safe_serialization=True)).") if unsafe else ""
+        raise UserError(f"{path} has no model.safetensors.{hint}")
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise UserError(f"{path} has no config.json; it is not a model directory") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+    config = gpt_config_from_hf(cfg, path / "config.json")
+    model = GPT(config)
+    with safe_open(weights, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    own = model.state_dict()
+    sd: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # old GPT-2 checkpoints store the causal mask as a buffer
+        if name.endswith(CONV1D):
+            tensor = tensor.t()
+        if name not in own:
+            if name.endswith(".bias") and not config.bias:
+                continue
+            raise UserError(f"{weights}: unexpected tensor {key!r}; this is not a GPT-2 layout")
+        sd[name] = tensor.to(own[name].dtype)
+    sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight", torch.empty(0)))
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise UserError(f"{weights} lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+    for name, tensor in sd.items():
+        if tensor.shape != own[name].shape:
+            raise UserError(f"{weights}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+                            f"{tuple(own[name].shape)}")
+    model.load_state_dict(sd)
+    return model.eval()

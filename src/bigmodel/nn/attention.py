@@ -1,0 +1,75 @@
+"""Causal multi-head self-attention through `scaled_dot_product_attention`, with a preallocated KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions, written in place as decoding advances.
+
+    k, v: (n_layer, B, n_head, max_len, head_dim). `pos` is the number of positions already stored; each
+    layer calls `update`, and the model calls `advance` once all layers have seen the new positions.
+    """
+
+    def __init__(
+        self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+        *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hd) at positions [pos, pos+T) and return all stored (B, nh, pos+T, hd)."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (e.g. to repeat a prompt's cache for several samples)."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+
+class CausalSelfAttention(nn.Module):
+    """GPT-2 attention: one fused q,k,v projection, causal SDPA, output projection."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
+        else:
+            start = cache.pos
+            k, v = cache.update(layer, k, v)  # (B, nh, start+T, hd)
+            if T == 1:  # one new token attends to everything before it
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:  # several new tokens: causal among themselves, full view of the cached prefix
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
