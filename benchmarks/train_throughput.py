@@ -28,9 +28,17 @@ BATCH = 16
 def hf_model() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=CFG.vocab_size, n_positions=CFG.block_size, n_embd=CFG.n_embd,
-                        n_layer=CFG.n_layer, n_head=CFG.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        attn_implementation="sdpa")
+    config = GPT2Config(
+        vocab_size=CFG.vocab_size,
+        n_positions=CFG.block_size,
+        n_embd=CFG.n_embd,
+        n_layer=CFG.n_layer,
+        n_head=CFG.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="sdpa",
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -79,17 +87,24 @@ def main() -> None:
     tokens = BATCH * CFG.block_size
     ours = GPT(CFG)
     fpt = flops_per_token(ours)
-    print(f"config: 6L/6H/384, block 256, batch 16, vocab 8192, {dtype_name}, {torch.get_num_threads()} threads")
-    print(f"measured matmul peak: {peak / 1e12:.3f} TFLOP/s ({'bf16' if amp else 'fp32'}); "
-          f"{fpt / 1e6:.1f} MFLOP per token")
+    print(
+        f"config: 6L/6H/384, block 256, batch 16, vocab 8192, {dtype_name}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"measured matmul peak: {peak / 1e12:.3f} TFLOP/s ({'bf16' if amp else 'fp32'}); "
+        f"{fpt / 1e6:.1f} MFLOP per token"
+    )
 
     results = {}
-    results["transformers GPT2LMHeadModel"] = time_steps(make_step(hf_model(), True, amp, x, y), args.steps, args.warmup)
+    results["transformers GPT2LMHeadModel"] = time_steps(
+        make_step(hf_model(), True, amp, x, y), args.steps, args.warmup
+    )
     results["bigmodel GPT (eager)"] = time_steps(make_step(ours, False, amp, x, y), args.steps, args.warmup)
     if not args.no_compile:
         compiled = GPT(CFG)
         results["bigmodel GPT (torch.compile)"] = time_steps(
-            make_step(torch.compile(compiled), False, amp, x, y), args.steps, args.warmup + 2)
+            make_step(torch.compile(compiled), False, amp, x, y), args.steps, args.warmup + 2
+        )
     base = tokens / results["transformers GPT2LMHeadModel"]
     print(f"{'':32s} {'tokens/s':>10s} {'ratio':>7s} {'MFU':>6s}")
     for name, sec in results.items():

@@ -21,48 +21,88 @@ def _positive_int(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="bigmodel", description="Train, evaluate and sample GPT models.",
-                                formatter_class=fmt)
+    p = argparse.ArgumentParser(
+        prog="bigmodel", description="Train, evaluate and sample GPT models.", formatter_class=fmt
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    s = sub.add_parser("prepare", help="turn text into token shards", formatter_class=fmt,
-                       epilog="example:\n  bigmodel prepare shakespeare --out data/shakespeare\n"
-                              "  bigmodel prepare notes/ books.jsonl --tokenizer char --out data/mine")
-    s.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="text files, folders (*.txt, *.jsonl with a 'text' field) or a built-in corpus (shakespeare)")
+    s = sub.add_parser(
+        "prepare",
+        help="turn text into token shards",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel prepare shakespeare --out data/shakespeare\n"
+        "  bigmodel prepare notes/ books.jsonl --tokenizer char --out data/mine",
+    )
+    s.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="text files, folders (*.txt, *.jsonl with a 'text' field) or a built-in corpus (shakespeare)",
+    )
     s.add_argument("--out", required=True, help="data directory to create")
-    s.add_argument("--tokenizer", default="bpe", help="bpe (trained here), char (bytes) or a tokenizer.json path")
-    s.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size (default 8192)")
-    s.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents held out (default 0.1)")
-    s.add_argument("--workers", type=_positive_int, default=None, help="encoding threads (default: all cores)")
+    s.add_argument(
+        "--tokenizer", default="bpe", help="bpe (trained here), char (bytes) or a tokenizer.json path"
+    )
+    s.add_argument(
+        "--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size (default 8192)"
+    )
+    s.add_argument(
+        "--val-fraction", type=float, default=0.1, help="fraction of documents held out (default 0.1)"
+    )
+    s.add_argument(
+        "--workers", type=_positive_int, default=None, help="encoding threads (default: all cores)"
+    )
     s.add_argument("--shard-tokens", type=_positive_int, default=100_000_000, help="tokens per shard file")
-    s.add_argument("--errors", choices=["strict", "replace", "skip"], default="strict",
-                   help="what to do with bytes that are not UTF-8 (default strict: stop and name the offset)")
+    s.add_argument(
+        "--errors",
+        choices=["strict", "replace", "skip"],
+        default="strict",
+        help="what to do with bytes that are not UTF-8 (default strict: stop and name the offset)",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-    t = sub.add_parser("train", help="train a GPT on a data directory", formatter_class=fmt,
-                       epilog="example:\n  bigmodel train --data data/shakespeare --out runs/s1 --preset small "
-                              "--set train.max_minutes=5\n  bigmodel train --data data/shakespeare --out runs/s1 "
-                              "--resume auto")
+    t = sub.add_parser(
+        "train",
+        help="train a GPT on a data directory",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel train --data data/shakespeare --out runs/s1 --preset small "
+        "--set train.max_minutes=5\n  bigmodel train --data data/shakespeare --out runs/s1 "
+        "--resume auto",
+    )
     t.add_argument("--data", required=True, help="data directory from `bigmodel prepare`")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--config", help="TOML file with [model] and [train] tables")
     t.add_argument("--preset", help="named model + training shape: tiny, small (default), gpt2, gpt2-medium")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
-    t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint or PATH")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    t.add_argument(
+        "--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint or PATH"
+    )
 
-    e = sub.add_parser("eval", help="held-out loss, perplexity and bits per byte", formatter_class=fmt,
-                       epilog="example:\n  bigmodel eval runs/s1 --data data/shakespeare")
+    e = sub.add_parser(
+        "eval",
+        help="held-out loss, perplexity and bits per byte",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel eval runs/s1 --data data/shakespeare",
+    )
     e.add_argument("model", metavar="MODEL_OR_RUN", help="model directory or run directory")
     e.add_argument("--data", required=True, help="data directory prepared with the model's tokenizer")
     e.add_argument("--split", default="val", choices=["val", "train"])
     e.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
     e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
 
-    g = sub.add_parser("generate", help="sample text from a model", formatter_class=fmt,
-                       epilog="example:\n  bigmodel generate runs/s1 --prompt 'ROMEO:' --max-new-tokens 100 --seed 1")
+    g = sub.add_parser(
+        "generate",
+        help="sample text from a model",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel generate runs/s1 --prompt 'ROMEO:' --max-new-tokens 100 --seed 1",
+    )
     g.add_argument("model", metavar="MODEL_OR_RUN", help="model directory or run directory")
     g.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=100)
@@ -73,8 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
 
-    d = sub.add_parser("demo", help="prepare -> train -> eval -> generate on built-in Shakespeare",
-                       formatter_class=fmt, epilog="example:\n  bigmodel demo --out runs/demo --minutes 5")
+    d = sub.add_parser(
+        "demo",
+        help="prepare -> train -> eval -> generate on built-in Shakespeare",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel demo --out runs/demo --minutes 5",
+    )
     d.add_argument("--out", default="runs/demo", help="run directory (data goes to OUT/data)")
     d.add_argument("--minutes", type=float, default=5.0, help="training budget in minutes (default 5)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")

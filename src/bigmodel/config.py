@@ -128,13 +128,30 @@ class RunConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "model": dict(block_size=64, n_layer=2, n_head=2, n_embd=64),
-        "train": dict(max_steps=50, lr=3e-3, warmup_steps=5, batch_tokens=1024, micro_batch=8, eval_every=25,
-                      eval_tokens=4096, checkpoint_every=25, log_every=1),
+        "train": dict(
+            max_steps=50,
+            lr=3e-3,
+            warmup_steps=5,
+            batch_tokens=1024,
+            micro_batch=8,
+            eval_every=25,
+            eval_tokens=4096,
+            checkpoint_every=25,
+            log_every=1,
+        ),
     },
     "small": {
         "model": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0),
-        "train": dict(max_steps=5000, lr=2e-3, warmup_steps=50, batch_tokens=8192, micro_batch=16,
-                      eval_every=100, eval_tokens=32768, checkpoint_every=250),
+        "train": dict(
+            max_steps=5000,
+            lr=2e-3,
+            warmup_steps=50,
+            batch_tokens=8192,
+            micro_batch=16,
+            eval_every=100,
+            eval_tokens=32768,
+            checkpoint_every=250,
+        ),
     },
     "gpt2": {
         "model": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768),
@@ -241,7 +258,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         for k, v in data.get(section, {}).items():
             _set(raw, f"{section}.{k}", v)
     return RunConfig(
-        preset=str(data.get("preset", "small")), model=GPTConfig(**raw["model"]), train=TrainConfig(**raw["train"])
+        preset=str(data.get("preset", "small")),
+        model=GPTConfig(**raw["model"]),
+        train=TrainConfig(**raw["train"]),
     )
 
 

@@ -43,18 +43,27 @@ def run_demo(args: Any) -> int:
     tok = Tokenizer.from_pretrained(out / "final")
     samples = []
     for i, prompt in enumerate(PROMPTS):
-        ids = model.generate(torch.tensor([tok.encode(prompt)]), max_new_tokens=120, do_sample=True,
-                             temperature=0.8, top_k=200, eos_token_id=tok.eot_id, seed=i)
+        ids = model.generate(
+            torch.tensor([tok.encode(prompt)]),
+            max_new_tokens=120,
+            do_sample=True,
+            temperature=0.8,
+            top_k=200,
+            eos_token_id=tok.eot_id,
+            seed=i,
+        )
         text = tok.decode([t for t in ids[0].tolist() if t != tok.eot_id])
         samples.append(text)
 
-    val = result.val or {}
-    bpb = val.get("bits_per_byte", float("nan"))
+    val, nan = result.val or {}, float("nan")
+    bpb = val.get("bits_per_byte", nan)
     for i, s in enumerate(samples):
         print(f"--- sample {i + 1} ---\n{s}\n")
-    summary = (f"held-out bits per byte: {bpb:.3f} (val loss {val.get('loss', float('nan')):.3f} nats/token, "
-               f"{val.get('tokens', 0):,} tokens of unseen plays) after {result.steps} steps / "
-               f"{result.tokens:,} tokens of training")
+    summary = (
+        f"held-out bits per byte: {bpb:.3f} (val loss {val.get('loss', nan):.3f} nats/token, "
+        f"{val.get('tokens', 0):,} tokens of unseen plays) after {result.steps} steps / "
+        f"{result.tokens:,} tokens of training"
+    )
     print(summary)
     device = hardware.default_device()
     amp = hardware.autocast_dtype(config.train.precision, device)
@@ -62,7 +71,7 @@ def run_demo(args: Any) -> int:
         "# bigmodel demo report",
         "",
         f"- held-out bits per byte: **{bpb:.3f}** (goal: at most 2.5)",
-        f"- val loss: {val.get('loss', float('nan')):.4f} nats/token, perplexity {val.get('perplexity', float('nan')):.1f}, "
+        f"- val loss: {val.get('loss', nan):.4f} nats/token, perplexity {val.get('perplexity', nan):.1f}, "
         f"over {val.get('tokens', 0):,} tokens of held-out plays",
         f"- training: {result.steps} steps, {result.tokens:,} tokens, {result.train_loss:.3f} final train loss, "
         f"stopped by {result.stop_reason}",
@@ -77,8 +86,13 @@ def run_demo(args: Any) -> int:
     ]
     for prompt, s in zip(PROMPTS, samples, strict=True):
         report += [f"Prompt `{prompt.strip()}`:", "", "```", s.strip(), "```", ""]
-    report += ["## Files", "", "- `final/`: model directory (transformers `GPT2LMHeadModel.from_pretrained` loads it)",
-               "- `metrics.csv`, `loss.png`, `config.toml`, `checkpoints/`", ""]
+    report += [
+        "## Files",
+        "",
+        "- `final/`: model directory (transformers `GPT2LMHeadModel.from_pretrained` loads it)",
+        "- `metrics.csv`, `loss.png`, `config.toml`, `checkpoints/`",
+        "",
+    ]
     atomic.write_text(out / "report.md", "\n".join(report))
     print(f"report: {out / 'report.md'}", file=sys.stderr)
     return 0

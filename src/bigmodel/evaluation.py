@@ -16,8 +16,14 @@ from bigmodel.models.gpt import GPT
 
 
 @torch.no_grad()
-def evaluate(model: GPT, shards: TokenShards, *, max_tokens: int | None = None, batch_size: int = 16,
-             autocast_dtype: torch.dtype | None = None) -> dict[str, float | int]:
+def evaluate(
+    model: GPT,
+    shards: TokenShards,
+    *,
+    max_tokens: int | None = None,
+    batch_size: int = 16,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float | int]:
     """Mean next-token loss over consecutive windows of the split; bits per byte from the manifest's byte count."""
     if shards.tokens < 2:
         raise UserError(f"the {shards.split} split of {shards.dir} is empty; prepare with --val-fraction > 0")
@@ -34,11 +40,11 @@ def evaluate(model: GPT, shards: TokenShards, *, max_tokens: int | None = None, 
         total += loss.item()
         count += y.numel()
     model.train(was_training)
-    loss = total / count
+    mean = total / count
     return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "bits_per_byte": loss / math.log(2) / shards.bytes_per_token,
+        "loss": mean,
+        "perplexity": math.exp(min(mean, 700.0)),
+        "bits_per_byte": mean / math.log(2) / shards.bytes_per_token,
         "tokens": count,
     }
 
@@ -61,9 +67,15 @@ def resolve_model_dir(path: str | Path) -> Path:
 def check_same_tokenizer(model_dir: Path, data_dir: Path) -> None:
     """Scores are meaningless when the data was tokenized differently from the model's training data."""
     a, b = model_dir / "tokenizer.json", data_dir / "tokenizer.json"
-    if a.is_file() and b.is_file() and json.loads(a.read_text())["model"] != json.loads(b.read_text())["model"]:
-        raise UserError(f"{data_dir} was tokenized with another tokenizer than {model_dir}; prepare the data "
-                        f"with --tokenizer {a}")
+    if (
+        a.is_file()
+        and b.is_file()
+        and json.loads(a.read_text())["model"] != json.loads(b.read_text())["model"]
+    ):
+        raise UserError(
+            f"{data_dir} was tokenized with another tokenizer than {model_dir}; prepare the data "
+            f"with --tokenizer {a}"
+        )
 
 
 def run_eval(args: Any) -> int:

@@ -35,8 +35,14 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-               top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""
     if not do_sample:
         return logits.argmax(dim=-1)
@@ -67,19 +73,30 @@ def generate(
     device = model.transformer.wte.weight.device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
     ids = ids[None] if ids.dim() == 1 else ids
-    _check(ids.dim() == 2 and ids.size(1) >= 1, f"input_ids must be (batch, length>=1), got shape {tuple(ids.shape)}")
+    _check(
+        ids.dim() == 2 and ids.size(1) >= 1,
+        f"input_ids must be (batch, length>=1), got shape {tuple(ids.shape)}",
+    )
     prompt_len = ids.size(1)
     new = max_new_tokens if max_new_tokens is not None else (max_length or 20) - prompt_len
-    _check(new >= 1, f"nothing to generate: max_new_tokens={new} (max_length={max_length}, prompt {prompt_len} tokens)")
+    _check(
+        new >= 1,
+        f"nothing to generate: max_new_tokens={new} (max_length={max_length}, prompt {prompt_len} tokens)",
+    )
     _check(num_return_sequences >= 1, f"num_return_sequences={num_return_sequences} must be >= 1")
     if do_sample:
-        _check(temperature > 0, f"temperature={temperature} must be > 0 when sampling (use do_sample=False for greedy)")
+        _check(
+            temperature > 0,
+            f"temperature={temperature} must be > 0 when sampling (use do_sample=False for greedy)",
+        )
         _check(top_k is None or top_k >= 1, f"top_k={top_k} must be >= 1")
         _check(top_p is None or 0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]")
     block = model.config.block_size
-    _check(prompt_len + new <= block,
-           f"prompt ({prompt_len} tokens) + max_new_tokens ({new}) exceeds the context window of {block} tokens; "
-           f"shorten the prompt or ask for at most {max(block - prompt_len, 0)} new tokens")
+    _check(
+        prompt_len + new <= block,
+        f"prompt ({prompt_len} tokens) + max_new_tokens ({new}) exceeds the context window of {block} tokens; "
+        f"shorten the prompt or ask for at most {max(block - prompt_len, 0)} new tokens",
+    )
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     was_training = model.training
@@ -114,14 +131,21 @@ def run_generate(args: Any) -> int:
     prompt_ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
     t0 = time.perf_counter()
     out = generate(
-        model, [prompt_ids], max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-        num_return_sequences=args.num_samples, eos_token_id=tok.eot_id, seed=args.seed,
+        model,
+        [prompt_ids],
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        num_return_sequences=args.num_samples,
+        eos_token_id=tok.eot_id,
+        seed=args.seed,
     )
     seconds = time.perf_counter() - t0
     new_tokens = 0
     for i, row in enumerate(out.tolist()):
-        gen = row[len(prompt_ids):]
+        gen = row[len(prompt_ids) :]
         if tok.eot_id in gen:
             gen = gen[: gen.index(tok.eot_id)]
         new_tokens += len(gen)
@@ -129,5 +153,8 @@ def run_generate(args: Any) -> int:
             sys.stdout.write("\n" + "-" * 40 + "\n")
         sys.stdout.write(args.prompt + tok.decode(gen, skip_special_tokens=True) + "\n")
     sys.stdout.flush()
-    print(f"generated {new_tokens} tokens in {seconds:.2f}s ({new_tokens / seconds:.1f} tokens/s)", file=sys.stderr)
+    print(
+        f"generated {new_tokens} tokens in {seconds:.2f}s ({new_tokens / seconds:.1f} tokens/s)",
+        file=sys.stderr,
+    )
     return 0

@@ -45,8 +45,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 @functools.cache
-def matmul_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 1024,
-                      seconds: float = 0.3) -> float:
+def matmul_peak_flops(
+    dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 1024, seconds: float = 0.3
+) -> float:
     """Measured FLOP/s of a square matmul in `dtype`: the peak that MFU is reported against."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

@@ -26,7 +26,9 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     data_dir = Path(data_dir)
     path = data_dir / "manifest.json"
     if not path.is_file():
-        raise UserError(f"{data_dir} is not a data directory (no manifest.json); create one with `bigmodel prepare`")
+        raise UserError(
+            f"{data_dir} is not a data directory (no manifest.json); create one with `bigmodel prepare`"
+        )
     try:
         manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -60,8 +62,10 @@ class TokenShards:
             if not path.is_file():
                 raise UserError(f"{path} is listed in the manifest but missing; prepare the data again")
             if path.stat().st_size != shard["tokens"] * dtype.itemsize:
-                raise UserError(f"{path} has {path.stat().st_size} bytes, the manifest says "
-                                f"{shard['tokens']} tokens of {dtype.name}; the file is damaged")
+                raise UserError(
+                    f"{path} has {path.stat().st_size} bytes, the manifest says "
+                    f"{shard['tokens']} tokens of {dtype.name}; the file is damaged"
+                )
             if verify and _sha256(path) != shard["sha256"]:
                 raise UserError(f"{path} does not match its sha256 in the manifest; the file is damaged")
             self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
@@ -85,8 +89,9 @@ def _sha256(path: Path) -> str:
 class WindowLoader:
     """Random (T+1)-token windows of a split, `batch` at a time, as (x, y) LongTensors of shape (B, T)."""
 
-    def __init__(self, shards: TokenShards, block_size: int, batch: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, shards: TokenShards, block_size: int, batch: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.shards, self.T, self.B, self.seed = shards, block_size, batch, seed
         self.rank, self.world = rank, world_size
         self.epoch, self.cursor = 0, 0
@@ -130,8 +135,9 @@ class WindowLoader:
         self.cursor = int(state["cursor"])
 
 
-def eval_batches(shards: TokenShards, block_size: int, batch: int,
-                 max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    shards: TokenShards, block_size: int, batch: int, max_tokens: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive non-overlapping windows covering the split in order (the last one may be shorter)."""
     budget = max_tokens if max_tokens is not None else shards.tokens
     rows: list[np.ndarray] = []

@@ -131,8 +131,13 @@ def _split_single(doc: Document, val_fraction: float) -> list[Document]:
         nl = cut + nl if nl >= 0 else -1
     cut = nl + 1 if nl >= 0 else cut
     train = Document(name=doc.name, path=doc.path, end=cut, data=None if data is None else data[:cut])
-    val = Document(name=f"{doc.name}#val", path=doc.path, start=cut, data=None if data is None else data[cut:],
-                   split="val")
+    val = Document(
+        name=f"{doc.name}#val",
+        path=doc.path,
+        start=cut,
+        data=None if data is None else data[cut:],
+        split="val",
+    )
     return [train, val]
 
 
@@ -179,8 +184,10 @@ def iter_text(doc: Document, errors: str, where: str | None = None) -> Iterator[
     try:
         carry += decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
-        raise UserError(f"{where or doc.path or doc.name}: truncated UTF-8 sequence at the end of the file; "
-                        "fix the file or pass --errors replace|skip") from e
+        raise UserError(
+            f"{where or doc.path or doc.name}: truncated UTF-8 sequence at the end of the file; "
+            "fix the file or pass --errors replace|skip"
+        ) from e
     if carry:
         yield carry
 
@@ -197,7 +204,9 @@ def iter_jsonl(path: Path, errors: str, val_fraction: float) -> Iterator[Documen
             try:
                 record = json.loads(raw.decode("utf-8", ERROR_MODES[errors]))
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid UTF-8; fix the file or pass --errors replace|skip") from e
+                raise UserError(
+                    f"{path}:{lineno}: invalid UTF-8; fix the file or pass --errors replace|skip"
+                ) from e
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
             text = record.get("text") if isinstance(record, dict) else None
@@ -208,8 +217,9 @@ def iter_jsonl(path: Path, errors: str, val_fraction: float) -> Iterator[Documen
             yield Document(name=name, data=text.encode("utf-8"), split=split)
 
 
-def iter_documents_of(sources: list[Source], text_docs: list[Document], errors: str,
-                      val_fraction: float) -> Iterator[Document]:
+def iter_documents_of(
+    sources: list[Source], text_docs: list[Document], errors: str, val_fraction: float
+) -> Iterator[Document]:
     yield from text_docs
     for s in sources:
         for f in s.files:
@@ -221,8 +231,15 @@ def iter_documents_of(sources: list[Source], text_docs: list[Document], errors: 
 class ShardWriter:
     """Appends token ids to `{split}-NNNNN.bin` files of at most `shard_tokens` tokens each."""
 
-    def __init__(self, folder: Path, split: str, dtype: type[np.unsignedinteger[Any]], shard_tokens: int) -> None:
-        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, np.dtype(dtype).newbyteorder("<"), shard_tokens
+    def __init__(
+        self, folder: Path, split: str, dtype: type[np.unsignedinteger[Any]], shard_tokens: int
+    ) -> None:
+        self.folder, self.split, self.dtype, self.shard_tokens = (
+            folder,
+            split,
+            np.dtype(dtype).newbyteorder("<"),
+            shard_tokens,
+        )
         self.shards: list[dict[str, Any]] = []
         self.file: BinaryIO | None = None
         self.sha = hashlib.sha256()
@@ -258,8 +275,15 @@ class ShardWriter:
 
 
 # ----- the command ----------------------------------------------------------------------------------------
-def make_tokenizer(spec: str, sources: list[Source], text_docs: list[Document], vocab_size: int, errors: str,
-                   val_fraction: float, sample_bytes: int) -> Tokenizer:
+def make_tokenizer(
+    spec: str,
+    sources: list[Source],
+    text_docs: list[Document],
+    vocab_size: int,
+    errors: str,
+    val_fraction: float,
+    sample_bytes: int,
+) -> Tokenizer:
     if spec == "char":
         return Tokenizer.char()
     if spec != "bpe":
@@ -302,7 +326,9 @@ def prepare(
         raise UserError(f"--shard-tokens {shard_tokens} is invalid: expected an integer >= 1")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
+        raise UserError(
+            f"output folder {out} exists and is not empty; choose another --out or pass --overwrite"
+        )
     workers = workers or os.cpu_count() or 1
     os.environ.setdefault("RAYON_NUM_THREADS", str(workers))  # tokenizers' thread pool, read once per process
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if workers > 1 else "false"
@@ -310,7 +336,9 @@ def prepare(
     t0 = time.time()
     sources = resolve_inputs(inputs)
     text_docs = assign_splits(_text_documents(sources), val_fraction)
-    tok = make_tokenizer(tokenizer, sources, text_docs, vocab_size, errors, val_fraction, tokenizer_sample_bytes)
+    tok = make_tokenizer(
+        tokenizer, sources, text_docs, vocab_size, errors, val_fraction, tokenizer_sample_bytes
+    )
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -356,13 +384,27 @@ def prepare(
     return manifest
 
 
-def _encode_all(tok: Tokenizer, sources: list[Source], text_docs: list[Document], errors: str,
-                val_fraction: float, folder: Path, dtype: Any, shard_tokens: int,
-                progress: bool) -> dict[str, Any]:
+def _encode_all(
+    tok: Tokenizer,
+    sources: list[Source],
+    text_docs: list[Document],
+    errors: str,
+    val_fraction: float,
+    folder: Path,
+    dtype: Any,
+    shard_tokens: int,
+    progress: bool,
+) -> dict[str, Any]:
     writers = {s: ShardWriter(folder, s, dtype, shard_tokens) for s in ("train", "val")}
     stats = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in ("train", "val")}
-    bar = tqdm(total=sum(s.bytes for s in sources), unit="B", unit_scale=True, desc="prepare",
-               disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=sum(s.bytes for s in sources),
+        unit="B",
+        unit_scale=True,
+        desc="prepare",
+        disable=not progress,
+        file=sys.stderr,
+    )
     batch: list[tuple[str, str, bool]] = []  # (split, text, ends a document)
 
     def flush() -> None:

@@ -117,7 +117,9 @@ class Tokenizer:
             "bigmodel_kind": self.kind,
         }
         atomic.write_json(path / "tokenizer_config.json", config)
-        atomic.write_json(path / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
+        atomic.write_json(
+            path / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+        )
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
@@ -125,7 +127,11 @@ class Tokenizer:
 
 def _bytes_to_unicode() -> dict[str, int]:
     """GPT-2's printable stand-in character for each byte value, inverted: char -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

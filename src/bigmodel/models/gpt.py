@@ -58,21 +58,25 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Transformer(nn.Module):
+    """The trunk: token + position embeddings, the blocks, the final LayerNorm (GPT-2's `transformer.*`)."""
+
+    def __init__(self, config: GPTConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, config.bias)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         if config.vocab_size is None:
             raise ValueError("GPTConfig.vocab_size is None: set it to the tokenizer's vocabulary size")
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, config.bias),
-            )
-        )
+        self.transformer = Transformer(config, config.vocab_size)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, saved once
         self.apply(self._init_weights)
@@ -111,12 +115,13 @@ class GPT(nn.Module):
                 f"(block_size={self.config.block_size})"
             )
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
+        t = self.transformer
+        x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(t.h):
             x = block(x, cache, i)
         if cache is not None:
             cache.advance(T)
-        x = self.transformer.ln_f(x)
+        x = t.ln_f(x)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): generation needs only the next-token logits
         logits = self.lm_head(x)  # (B, T, V)
@@ -128,8 +133,13 @@ class GPT(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config
         return KVCache(
-            c.n_layer, batch, c.n_head, max_len or c.block_size, c.n_embd // c.n_head,
-            dtype=dtype or self.transformer.wte.weight.dtype, device=self.transformer.wte.weight.device,
+            c.n_layer,
+            batch,
+            c.n_head,
+            max_len or c.block_size,
+            c.n_embd // c.n_head,
+            dtype=dtype or self.transformer.wte.weight.dtype,
+            device=self.transformer.wte.weight.device,
         )
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:

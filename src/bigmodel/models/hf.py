@@ -55,7 +55,9 @@ def hf_config(config: GPTConfig, eot_id: int | None) -> dict[str, Any]:
 
 def gpt_config_from_hf(cfg: dict[str, Any], where: Path) -> GPTConfig:
     if cfg.get("model_type") != "gpt2":
-        raise UserError(f"{where}: model_type is {cfg.get('model_type')!r}; bigmodel's GPT loads 'gpt2' models")
+        raise UserError(
+            f"{where}: model_type is {cfg.get('model_type')!r}; bigmodel's GPT loads 'gpt2' models"
+        )
     act = cfg.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{where}: activation_function {act!r} is not supported (GPT-2 uses 'gelu_new')")
@@ -64,7 +66,9 @@ def gpt_config_from_hf(cfg: dict[str, Any], where: Path) -> GPTConfig:
     if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False):
         raise UserError(f"{where}: non-standard attention scaling is not supported")
     if abs(cfg.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        raise UserError(f"{where}: layer_norm_epsilon={cfg['layer_norm_epsilon']} is not supported (only 1e-5)")
+        raise UserError(
+            f"{where}: layer_norm_epsilon={cfg['layer_norm_epsilon']} is not supported (only 1e-5)"
+        )
     return GPTConfig(
         vocab_size=cfg["vocab_size"],
         block_size=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
@@ -97,7 +101,13 @@ def save_gpt(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -
     eot = tokenizer.eot_id if tokenizer is not None else None
     atomic.write_safetensors(path / "model.safetensors", to_hf_state_dict(model), metadata={"format": "pt"})
     atomic.write_json(path / "config.json", hf_config(model.config, eot))
-    gen = {"bos_token_id": eot, "eos_token_id": eot, "do_sample": True, "top_k": 50, "max_length": model.config.block_size}
+    gen = {
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "do_sample": True,
+        "top_k": 50,
+        "max_length": model.config.block_size,
+    }
     atomic.write_json(path / "generation_config.json", gen)
     if tokenizer is not None:
         tokenizer.save_pretrained(path, model_max_length=model.config.block_size)
@@ -106,13 +116,21 @@ def save_gpt(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -
 def load_gpt(path: str | Path) -> GPT:
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"model directory {path} does not exist; pass a directory written by `bigmodel train` "
-                        "(RUN/final) or by transformers' save_pretrained")
+        raise UserError(
+            f"model directory {path} does not exist; pass a directory written by `bigmodel train` "
+            "(RUN/final) or by transformers' save_pretrained"
+        )
     weights = path / "model.safetensors"
     if not weights.is_file():
         unsafe = [n for n in UNSAFE_WEIGHTS if (path / n).exists()]
-        hint = (f" It has {unsafe[0]}, a pickle file that bigmodel never loads: convert it to safetensors "
-                "with transformers (save_pretrained(dir, safe_serialization=True)).") if unsafe else ""
+        hint = (
+            (
+                f" It has {unsafe[0]}, a pickle file that bigmodel never loads: convert it to safetensors "
+                "with transformers (save_pretrained(dir, safe_serialization=True))."
+            )
+            if unsafe
+            else ""
+        )
         raise UserError(f"{path} has no model.safetensors.{hint}")
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -143,7 +161,9 @@ def load_gpt(path: str | Path) -> GPT:
         raise UserError(f"{weights} lacks {len(missing)} tensors, e.g. {missing[0]!r}")
     for name, tensor in sd.items():
         if tensor.shape != own[name].shape:
-            raise UserError(f"{weights}: {name} has shape {tuple(tensor.shape)}, config.json implies "
-                            f"{tuple(own[name].shape)}")
+            raise UserError(
+                f"{weights}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+                f"{tuple(own[name].shape)}"
+            )
     model.load_state_dict(sd)
     return model.eval()

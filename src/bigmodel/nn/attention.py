@@ -15,8 +15,15 @@ class KVCache:
     """
 
     def __init__(
-        self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
-        *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
         shape = (n_layer, batch, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)

@@ -106,12 +106,15 @@ def save_checkpoint(
         if torch.cuda.is_available():
             rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         atomic.write_safetensors(tmp / "trainer_state" / "rng.safetensors", rng)
-        atomic.write_json(tmp / "trainer_state" / "state.json", {
-            "format_version": FORMAT_VERSION,
-            **state,
-            "optimizer": meta,
-            "python_rng": _jsonable(random.getstate()),
-        })
+        atomic.write_json(
+            tmp / "trainer_state" / "state.json",
+            {
+                "format_version": FORMAT_VERSION,
+                **state,
+                "optimizer": meta,
+                "python_rng": _jsonable(random.getstate()),
+            },
+        )
         atomic.write_json(tmp / MARKER, {"step": step, "time": time.time()})
         if final.exists():
             shutil.rmtree(final)
@@ -141,8 +144,10 @@ def load_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer) ->
         raise UserError(f"{path} is not a complete checkpoint (no {MARKER} marker); use --resume auto")
     state = json.loads((path / "trainer_state" / "state.json").read_text(encoding="utf-8"))
     if state.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: checkpoint format version {state.get('format_version')} is not "
-                        f"{FORMAT_VERSION}; it was written by another bigmodel version")
+        raise UserError(
+            f"{path}: checkpoint format version {state.get('format_version')} is not "
+            f"{FORMAT_VERSION}; it was written by another bigmodel version"
+        )
     model.load_state_dict(load_gpt(path).state_dict())
     tensors = load_file(path / "trainer_state" / "optimizer.safetensors")
     optimizer.load_state_dict(_optimizer_state(tensors, state.pop("optimizer")))
@@ -159,6 +164,8 @@ def check_compatible(path: Path, config: RunConfig) -> list[str]:
     saved = load_toml(path / "config.toml")
     model_diff = diff_configs(saved.model, config.model, "model")
     if model_diff:
-        raise UserError(f"checkpoint {path} was trained with another model config ({'; '.join(model_diff)}); "
-                        "resume with the same --preset/--config/--set, or start a new --out")
+        raise UserError(
+            f"checkpoint {path} was trained with another model config ({'; '.join(model_diff)}); "
+            "resume with the same --preset/--config/--set, or start a new --out"
+        )
     return diff_configs(saved.train, config.train, "train")

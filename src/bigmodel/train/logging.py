@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import os
 import shutil
@@ -30,11 +31,9 @@ class MetricsLog:
         if new:
             self.writer.writeheader()
         self.tb: Any = None
-        try:
+        if importlib.util.find_spec("tensorboard") is not None:  # optional: pip install bigmodel[tensorboard]
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # optional: `pip install bigmodel[tensorboard]`
-            SummaryWriter = None  # noqa: N806
-        if SummaryWriter is not None:
+
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
 
     def _truncate_after(self, step: int) -> None:
@@ -79,9 +78,10 @@ def plot_loss(metrics_csv: Path, out_png: Path, title: str = "") -> None:
     rows = read_metrics(metrics_csv)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for key, style in (("train_loss", "-"), ("val_loss", "o-")):
-        pts = [(r["tokens"], r[key]) for r in rows if r[key] is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=key.replace("_", " "), markersize=3)
+        xs = [r["tokens"] or 0.0 for r in rows if r[key] is not None]
+        ys = [r[key] or 0.0 for r in rows if r[key] is not None]
+        if xs:
+            ax.plot(xs, ys, style, label=key.replace("_", " "), markersize=3)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title or "loss")

@@ -57,7 +57,9 @@ def _prepare_run_dir(out: Path, resume: str | None) -> Path | None:
     ckpts = out / "checkpoints"
     if resume is None:
         if checkpoint.complete_checkpoints(ckpts) or (out / "final").exists():
-            raise UserError(f"{out} already holds a run; pass --resume auto to continue it, or choose a new --out")
+            raise UserError(
+                f"{out} already holds a run; pass --resume auto to continue it, or choose a new --out"
+            )
         return None
     if resume == "auto":
         found = checkpoint.latest_checkpoint(ckpts)
@@ -66,12 +68,15 @@ def _prepare_run_dir(out: Path, resume: str | None) -> Path | None:
         return found
     path = Path(resume)
     if not path.is_dir():
-        raise UserError(f"--resume {resume}: no such checkpoint folder; use --resume auto or a step-NNNNNNN folder")
+        raise UserError(
+            f"--resume {resume}: no such checkpoint folder; use --resume auto or a step-NNNNNNN folder"
+        )
     return path
 
 
-def train(config: RunConfig, data: str | Path, out: str | Path, resume: str | None = None,
-          progress: bool = True) -> TrainResult:
+def train(
+    config: RunConfig, data: str | Path, out: str | Path, resume: str | None = None, progress: bool = True
+) -> TrainResult:
     out, data = Path(out), Path(data)
     t_start = time.time()
     cfg = config.train
@@ -88,8 +93,10 @@ def train(config: RunConfig, data: str | Path, out: str | Path, resume: str | No
     if config.model.vocab_size is None:
         config.model.vocab_size = tokenizer.vocab_size
     elif config.model.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the data's vocabulary "
-                        f"({tokenizer.vocab_size} tokens); remove the override or raise it")
+        raise UserError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the data's vocabulary "
+            f"({tokenizer.vocab_size} tokens); remove the override or raise it"
+        )
     accum = config.grad_accum_steps()
     loader = WindowLoader(shards, config.model.block_size, cfg.micro_batch, cfg.seed)
 
@@ -105,8 +112,10 @@ def train(config: RunConfig, data: str | Path, out: str | Path, resume: str | No
             warnings.warn(f"resuming with changed training settings: {'; '.join(changed)}", stacklevel=2)
         state = checkpoint.load_checkpoint(resume_from, model, optimizer)
         if state["data"] != data_fingerprint(shards.manifest):
-            raise UserError(f"checkpoint {resume_from} was trained on other data than {data}; "
-                            "resume with the same --data, or start a new --out")
+            raise UserError(
+                f"checkpoint {resume_from} was trained on other data than {data}; "
+                "resume with the same --data, or start a new --out"
+            )
         loader.load_state_dict(state["loader"])
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
@@ -120,16 +129,32 @@ def train(config: RunConfig, data: str | Path, out: str | Path, resume: str | No
     budget_s = cfg.max_minutes * 60
 
     def save(at_step: int) -> None:
-        state = {"step": at_step, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t_loop,
-                 "loader": loader.state_dict(), "data": data_fingerprint(shards.manifest)}
-        checkpoint.save_checkpoint(out / "checkpoints", at_step, model, tokenizer, optimizer, config, state,
-                                   cfg.keep_checkpoints)
+        state = {
+            "step": at_step,
+            "tokens": tokens,
+            "elapsed_s": elapsed_before + time.time() - t_loop,
+            "loader": loader.state_dict(),
+            "data": data_fingerprint(shards.manifest),
+        }
+        checkpoint.save_checkpoint(
+            out / "checkpoints", at_step, model, tokenizer, optimizer, config, state, cfg.keep_checkpoints
+        )
 
-    print(f"training {model.num_params() / 1e6:.2f}M parameters on {device.type} "
-          f"({'bf16 autocast' if amp else 'fp32'}), {cfg.batch_tokens:,} tokens/step "
-          f"({cfg.micro_batch} x {config.model.block_size} x {accum} accumulation)", file=sys.stderr)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    print(
+        f"training {model.num_params() / 1e6:.2f}M parameters on {device.type} "
+        f"({'bf16 autocast' if amp else 'fp32'}), {cfg.batch_tokens:,} tokens/step "
+        f"({cfg.micro_batch} x {config.model.block_size} x {accum} accumulation)",
+        file=sys.stderr,
+    )
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     model.train()
     t_loop = time.time()
     stop_reason, loss, t_last, tok_last = "max_steps", math.nan, time.time(), tokens
@@ -144,7 +169,9 @@ def train(config: RunConfig, data: str | Path, out: str | Path, resume: str | No
                 group["lr"] = lr
             loss, grad_norm = _step(fwd, model, optimizer, loader, accum, cfg.grad_clip, device, amp)
             if not math.isfinite(loss):
-                raise UserError(f"the loss became {loss} at step {step + 1}; lower train.lr or use train.precision=fp32")
+                raise UserError(
+                    f"the loss became {loss} at step {step + 1}; lower train.lr or use train.precision=fp32"
+                )
             step += 1
             tokens += cfg.batch_tokens
             bar.update(1)
@@ -153,13 +180,25 @@ def train(config: RunConfig, data: str | Path, out: str | Path, resume: str | No
                 now = time.time()
                 tps = (tokens - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, tokens
-                row = {"train_loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                       "mfu": tps * fpt / peak}
+                row = {
+                    "train_loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tps,
+                    "mfu": tps * fpt / peak,
+                }
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             if val is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 row["val_loss"] = evaluate(model, val, max_tokens=cfg.eval_tokens, autocast_dtype=amp)["loss"]
             if row:
-                log.log({"step": step, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t_loop, **row})
+                log.log(
+                    {
+                        "step": step,
+                        "tokens": tokens,
+                        "elapsed_s": elapsed_before + time.time() - t_loop,
+                        **row,
+                    }
+                )
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save(step)
             if kill_at and step == kill_at:
@@ -189,8 +228,16 @@ def train(config: RunConfig, data: str | Path, out: str | Path, resume: str | No
     return TrainResult(out, step, tokens, loss, result_val, stop_reason, time.time() - t_start)
 
 
-def _step(fwd: Any, model: GPT, optimizer: torch.optim.Optimizer, loader: WindowLoader, accum: int,
-          grad_clip: float, device: torch.device, amp: torch.dtype | None) -> tuple[float, float]:
+def _step(
+    fwd: Any,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    loader: WindowLoader,
+    accum: int,
+    grad_clip: float,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> tuple[float, float]:
     """One optimizer step over `accum` micro-batches; returns (mean loss, gradient norm before clipping)."""
     total = torch.zeros((), device=device)
     for _ in range(accum):

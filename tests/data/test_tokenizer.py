@@ -1,0 +1,127 @@
+"""Byte-level tokenizers: char round-trips any text, BPE trains and round-trips, transformers loads ours."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from bigmodel.data.tokenizer import EOT, Tokenizer, read_kind
+from bigmodel.errors import UserError
+
+UNICODE_SAMPLES = [
+    "",
+    "hello world",
+    " leading and trailing spaces  \n\n\ttabs\r\n",
+    "Café crème, naïve — señor; Ünsal’s “quotes”",
+    "日本語のテキスト, 中文, 한국어",
+    "emoji 😀👍🏽 and combining e\u0301 and zero\u200bwidth",
+    "\x00\x01 control \x7f chars \ufeff BOM",
+    "mixed: αβγ δ ∑∫√ ∞ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+]
+
+
+def _random_unicode(rng: random.Random, n: int) -> str:
+    out = []
+    while len(out) < n:
+        cp = rng.randrange(0, 0x110000)
+        if 0xD800 <= cp <= 0xDFFF:  # surrogates are not encodable text
+            continue
+        out.append(chr(cp))
+    return "".join(out)
+
+
+@pytest.mark.parametrize("text", UNICODE_SAMPLES)
+def test_char_round_trips_unicode_as_bytes(text: str) -> None:
+    tok = Tokenizer.char()
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8")), "one token per UTF-8 byte, id == byte value"
+    assert tok.decode(ids) == text
+
+
+def test_char_round_trips_random_code_points() -> None:
+    tok = Tokenizer.char()
+    rng = random.Random(0)
+    for _ in range(20):
+        text = _random_unicode(rng, 50)
+        ids = tok.encode(text)
+        assert len(ids) == len(text.encode("utf-8"))
+        assert tok.decode(ids) == text
+
+
+def test_char_vocabulary_and_eot() -> None:
+    tok = Tokenizer.char()
+    assert tok.kind == "char"
+    assert tok.vocab_size == 257
+    assert tok.eot_id == 256
+    assert tok.encode(EOT) == [256]
+    assert tok.decode([104, 105, 256, 33]) == f"hi{EOT}!"
+    assert tok.decode([104, 105, 256, 33], skip_special_tokens=True) == "hi!"
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus_dir: Path) -> Tokenizer:
+    texts = [p.read_text(encoding="utf-8") for p in sorted(corpus_dir.glob("*.txt"))]
+    return Tokenizer.train_bpe(texts, vocab_size=300)
+
+
+def test_bpe_trains_merges_and_round_trips(bpe: Tokenizer, corpus_dir: Path) -> None:
+    assert bpe.kind == "bpe"
+    assert bpe.vocab_size == 300
+    assert bpe.eot_id == bpe.tok.token_to_id(EOT)
+    text = (corpus_dir / "doc02.txt").read_text(encoding="utf-8")
+    ids = bpe.encode(text)
+    assert len(ids) < 0.75 * len(text.encode("utf-8")), "BPE merges should compress the training text"
+    assert bpe.decode(ids) == text
+    assert all(0 <= i < bpe.vocab_size for i in ids)
+
+
+@pytest.mark.parametrize("text", UNICODE_SAMPLES)
+def test_bpe_round_trips_unseen_unicode(bpe: Tokenizer, text: str) -> None:
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_bpe_vocab_size_too_small() -> None:
+    with pytest.raises(UserError, match="--vocab-size 100 is too small"):
+        Tokenizer.train_bpe(["some text"], vocab_size=100)
+
+
+def test_encode_batch_matches_encode(bpe: Tokenizer) -> None:
+    texts = ["The king loves the crown.", "", "Café ✓"]
+    assert bpe.encode_batch(texts) == [bpe.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_save_pretrained_loads_in_transformers(bpe: Tokenizer, kind: str, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    ours = bpe if kind == "bpe" else Tokenizer.char()
+    ours.save_pretrained(tmp_path, model_max_length=128)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        json.loads((tmp_path / name).read_text())  # all valid JSON
+    assert read_kind(tmp_path) == kind
+
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    assert theirs.eos_token == EOT
+    assert theirs.eos_token_id == ours.eot_id
+    assert theirs.model_max_length == 128
+    for text in ["The king loves the crown tonight.", *UNICODE_SAMPLES]:
+        expected = ours.encode(text)
+        assert theirs(text)["input_ids"] == expected, text
+        assert theirs.encode(text, add_special_tokens=False) == expected
+        assert theirs.decode(expected) == ours.decode(expected)
+
+    back = Tokenizer.from_pretrained(tmp_path)
+    assert back.kind == kind and back.vocab_size == ours.vocab_size and back.eot_id == ours.eot_id
+    assert back.encode(UNICODE_SAMPLES[3]) == ours.encode(UNICODE_SAMPLES[3])
+
+
+def test_from_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        Tokenizer.from_file(tmp_path / "nope.json")
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not a valid tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
