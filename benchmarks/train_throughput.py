@@ -87,9 +87,7 @@ def main() -> None:
     tokens = BATCH * CFG.block_size
     ours = GPT(CFG)
     fpt = flops_per_token(ours)
-    print(
-        f"config: 6L/6H/384, block 256, batch 16, vocab 8192, {dtype_name}, {torch.get_num_threads()} threads"
-    )
+    print(f"config: 6L/6H/384, block 256, batch 16, vocab 8192, {dtype_name}, {torch.get_num_threads()} threads")
     print(
         f"measured matmul peak: {peak / 1e12:.3f} TFLOP/s ({'bf16' if amp else 'fp32'}); "
         f"{fpt / 1e6:.1f} MFLOP per token"

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from bigmodel.config import GPTConfig
+from bigmodel.config import GPTConfig, RunConfig, resolve_config
 from bigmodel.data.prepare import FORMAT, FORMAT_VERSION, prepare
 from bigmodel.models.gpt import GPT
+from bigmodel.train.loop import TrainResult, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,12 +29,44 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
-_SUBJECTS = ["the king", "a young queen", "the old fool", "my lord", "the brave soldier", "her father",
-             "the merchant", "a gentle lady", "the ghost", "this honest friend", "the night watch"]
-_VERBS = ["loves", "fears", "speaks to", "follows", "betrays", "remembers", "forgives", "calls upon",
-          "dreams of", "waits for", "rides with"]
-_OBJECTS = ["the crown", "a golden ring", "the stormy sea", "his own shadow", "the sleeping town",
-            "a letter of love", "the bitter end", "the castle gate", "sweet music", "the morning sun"]
+_SUBJECTS = [
+    "the king",
+    "a young queen",
+    "the old fool",
+    "my lord",
+    "the brave soldier",
+    "her father",
+    "the merchant",
+    "a gentle lady",
+    "the ghost",
+    "this honest friend",
+    "the night watch",
+]
+_VERBS = [
+    "loves",
+    "fears",
+    "speaks to",
+    "follows",
+    "betrays",
+    "remembers",
+    "forgives",
+    "calls upon",
+    "dreams of",
+    "waits for",
+    "rides with",
+]
+_OBJECTS = [
+    "the crown",
+    "a golden ring",
+    "the stormy sea",
+    "his own shadow",
+    "the sleeping town",
+    "a letter of love",
+    "the bitter end",
+    "the castle gate",
+    "sweet music",
+    "the morning sun",
+]
 _TAILS = ["", " tonight", " in silence", " with a heavy heart", " before the dawn", " once more", " again"]
 _NAMES = ["HAMLET", "ROMEO", "JULIET", "KING LEAR", "OPHELIA", "MACBETH", "PORTIA"]
 
@@ -91,6 +124,24 @@ def char_data(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
+TINY_RUN_STEPS = 30
+TINY_RUN_OVERRIDES = [
+    "model.block_size=32",
+    "train.eval_every=10",
+    "train.checkpoint_every=10",
+    "train.keep_checkpoints=2",
+    "train.eval_tokens=2048",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(bpe_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, RunConfig]:
+    """One 30-step training run of the tiny preset (block 32) on the BPE data. Read-only."""
+    config = resolve_config("tiny", None, [*TINY_RUN_OVERRIDES, f"train.max_steps={TINY_RUN_STEPS}"])
+    result = train(config, bpe_data, tmp_path_factory.mktemp("runs") / "run", progress=False)
+    return result, config
+
+
 def write_token_shards(folder: Path, shards: dict[str, list[np.ndarray]], vocab_size: int = 65535) -> Path:
     """A hand-made data directory whose shards hold the given token arrays (for exact loader checks)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,14 +154,29 @@ def write_token_shards(folder: Path, shards: dict[str, list[np.ndarray]], vocab_
             entries.append({"file": name, "split": split, "tokens": len(arr), "sha256": "0" * 64})
             total += len(arr)
         splits[split] = {"tokens": total, "bytes": 2 * total, "documents": len(arrays)}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "vocab_size": vocab_size, "dtype": "uint16",
-                "splits": splits, "shards": entries}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vocab_size": vocab_size,
+        "dtype": "uint16",
+        "splits": splits,
+        "shards": entries,
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
 
-def tiny_gpt(vocab_size: int = 64, block_size: int = 32, n_layer: int = 2, n_head: int = 2, n_embd: int = 32,
-             bias: bool = True, seed: int = 0, scale: float = 1.0, pos_scale: float = 1.0) -> GPT:
+def tiny_gpt(
+    vocab_size: int = 64,
+    block_size: int = 32,
+    n_layer: int = 2,
+    n_head: int = 2,
+    n_embd: int = 32,
+    bias: bool = True,
+    seed: int = 0,
+    scale: float = 1.0,
+    pos_scale: float = 1.0,
+) -> GPT:
     """A small randomly initialised GPT in eval mode.
 
     `scale` > 1 spreads the weights so logits have clear margins (greedy decoding then does not hinge on
@@ -119,10 +185,13 @@ def tiny_gpt(vocab_size: int = 64, block_size: int = 32, n_layer: int = 2, n_hea
     parameters are randomised too, so a mapping that drops or transposes them shows up.
     """
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                          n_embd=n_embd, bias=bias))
+    model = GPT(
+        GPTConfig(
+            vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=bias
+        )
+    )
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(scale)
             else:
@@ -135,21 +204,31 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     """`python -m bigmodel ARGS` in a fresh process (the real exit status, streams and signals)."""
     full_env = {**os.environ, **SUBPROCESS_ENV, **(env or {})}
     full_env.pop("BIGMODEL_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "bigmodel", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "bigmodel", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def split_tokens(data_dir: Path, split: str) -> np.ndarray:
     """All token ids of one split of a data directory, shards concatenated in manifest order."""
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    parts = [np.fromfile(data_dir / s["file"], dtype=np.dtype(manifest["dtype"]).newbyteorder("<"))
-             for s in manifest["shards"] if s["split"] == split]
+    parts = [
+        np.fromfile(data_dir / s["file"], dtype=np.dtype(manifest["dtype"]).newbyteorder("<"))
+        for s in manifest["shards"]
+        if s["split"] == split
+    ]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
 def split_documents(ids: np.ndarray, eot_id: int) -> list[list[int]]:
     """Token ids split on the end-of-text token (every document, including the last, ends with one)."""
-    docs, cur = [], []
+    docs: list[list[int]] = []
+    cur: list[int] = []
     for t in ids.tolist():
         if t == eot_id:
             docs.append(cur)

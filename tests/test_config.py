@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,7 @@ def test_dataclasses_validate_directly_and_are_keyword_only() -> None:
     with pytest.raises(ValueError, match="train.warmup_steps"):
         TrainConfig(warmup_steps=-1)
     with pytest.raises(TypeError):
-        GPTConfig(100)  # type: ignore[misc]
+        GPTConfig(100)  # type: ignore[call-arg]
 
 
 def test_grad_accum_steps() -> None:
@@ -157,14 +158,24 @@ def test_grad_accum_steps() -> None:
 
 
 def _custom() -> RunConfig:
-    return resolve_config("tiny", None, [
-        "model.vocab_size=300", "model.bias=false", "model.dropout=0.125", "train.lr=3e-4",
-        "train.deterministic=true", "train.precision=fp32", "train.max_minutes=0.5", "train.min_lr_ratio=0.1",
-    ])
+    return resolve_config(
+        "tiny",
+        None,
+        [
+            "model.vocab_size=300",
+            "model.bias=false",
+            "model.dropout=0.125",
+            "train.lr=3e-4",
+            "train.deterministic=true",
+            "train.precision=fp32",
+            "train.max_minutes=0.5",
+            "train.min_lr_ratio=0.1",
+        ],
+    )
 
 
 @pytest.mark.parametrize("make", [lambda: resolve_config("tiny"), lambda: resolve_config("gpt2"), _custom])
-def test_toml_round_trip(tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
+def test_toml_round_trip(tmp_path: Path, make: Callable[[], RunConfig]) -> None:
     cfg = make()
     path = tmp_path / "config.toml"
     path.write_text(to_toml(cfg))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_gpt
 
 from bigmodel.generation import filter_logits, generate, next_token
 from bigmodel.models.gpt import GPT
+from conftest import tiny_gpt
 
 V = 50
 
@@ -53,7 +54,7 @@ def test_input_forms_and_lengths(model: GPT) -> None:
 
 def test_seed_makes_sampling_reproducible(model: GPT) -> None:
     idx = _prompt()
-    kwargs = dict(max_new_tokens=30, do_sample=True, temperature=1.5)
+    kwargs: dict[str, Any] = dict(max_new_tokens=30, do_sample=True, temperature=1.5)
     a = generate(model, idx, seed=1, **kwargs)
     b = generate(model, idx, seed=1, **kwargs)
     c = generate(model, idx, seed=2, **kwargs)
@@ -134,7 +135,7 @@ def test_training_mode_is_restored(model: GPT) -> None:
         (dict(num_return_sequences=0), "num_return_sequences=0"),
     ],
 )
-def test_invalid_parameters(model: GPT, kwargs: dict, match: str) -> None:  # type: ignore[type-arg]
+def test_invalid_parameters(model: GPT, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         generate(model, _prompt(b=1), **kwargs)
 
@@ -146,8 +147,7 @@ def test_invalid_input_shape(model: GPT) -> None:
 
 def test_greedy_ignores_sampling_parameters(model: GPT) -> None:
     idx = _prompt(b=1)
-    assert torch.equal(generate(model, idx, max_new_tokens=5, temperature=0.0),
-                       generate(model, idx, max_new_tokens=5))
+    assert torch.equal(generate(model, idx, max_new_tokens=5, temperature=0.0), generate(model, idx, max_new_tokens=5))
 
 
 def test_filter_logits() -> None:

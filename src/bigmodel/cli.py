@@ -41,18 +41,10 @@ def _parser() -> argparse.ArgumentParser:
         help="text files, folders (*.txt, *.jsonl with a 'text' field) or a built-in corpus (shakespeare)",
     )
     s.add_argument("--out", required=True, help="data directory to create")
-    s.add_argument(
-        "--tokenizer", default="bpe", help="bpe (trained here), char (bytes) or a tokenizer.json path"
-    )
-    s.add_argument(
-        "--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size (default 8192)"
-    )
-    s.add_argument(
-        "--val-fraction", type=float, default=0.1, help="fraction of documents held out (default 0.1)"
-    )
-    s.add_argument(
-        "--workers", type=_positive_int, default=None, help="encoding threads (default: all cores)"
-    )
+    s.add_argument("--tokenizer", default="bpe", help="bpe (trained here), char (bytes) or a tokenizer.json path")
+    s.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size (default 8192)")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents held out (default 0.1)")
+    s.add_argument("--workers", type=_positive_int, default=None, help="encoding threads (default: all cores)")
     s.add_argument("--shard-tokens", type=_positive_int, default=100_000_000, help="tokens per shard file")
     s.add_argument(
         "--errors",
@@ -81,9 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.lr=3e-4 (repeatable)",
     )
-    t.add_argument(
-        "--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint or PATH"
-    )
+    t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint or PATH")
 
     e = sub.add_parser(
         "eval",

@@ -34,9 +34,7 @@ def evaluate(
     for x, y in eval_batches(shards, model.config.block_size, batch_size, max_tokens):
         with hardware.autocast(device, autocast_dtype):
             logits, _ = model(x.to(device))
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"
-        )
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
         total += loss.item()
         count += y.numel()
     model.train(was_training)
@@ -67,14 +65,9 @@ def resolve_model_dir(path: str | Path) -> Path:
 def check_same_tokenizer(model_dir: Path, data_dir: Path) -> None:
     """Scores are meaningless when the data was tokenized differently from the model's training data."""
     a, b = model_dir / "tokenizer.json", data_dir / "tokenizer.json"
-    if (
-        a.is_file()
-        and b.is_file()
-        and json.loads(a.read_text())["model"] != json.loads(b.read_text())["model"]
-    ):
+    if a.is_file() and b.is_file() and json.loads(a.read_text())["model"] != json.loads(b.read_text())["model"]:
         raise UserError(
-            f"{data_dir} was tokenized with another tokenizer than {model_dir}; prepare the data "
-            f"with --tokenizer {a}"
+            f"{data_dir} was tokenized with another tokenizer than {model_dir}; prepare the data with --tokenizer {a}"
         )
 
 

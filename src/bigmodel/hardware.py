@@ -49,8 +49,9 @@ def matmul_peak_flops(
     dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 1024, seconds: float = 0.3
 ) -> float:
     """Measured FLOP/s of a square matmul in `dtype`: the peak that MFU is reported against."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: resume must stay exact
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     for _ in range(3):
         a @ b
     best, t_end = 0.0, time.perf_counter() + seconds

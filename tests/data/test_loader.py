@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import split_tokens, write_token_shards
 
 from bigmodel.data.loader import TokenShards, WindowLoader, data_fingerprint, eval_batches, read_manifest
 from bigmodel.errors import UserError
+from conftest import split_tokens, write_token_shards
 
 T = 16
 # Every token is unique, so a window is identified by its first token and its shard by the token's range.
@@ -66,8 +66,11 @@ def test_windows_are_slices_of_prepared_shards(bpe_data: Path) -> None:
 def test_one_epoch_reads_every_window_once(synth: Path) -> None:
     loader = WindowLoader(TokenShards(synth, "train"), T, 1, seed=0)
     n, offset = len(loader.order), loader.offset
-    expected = {base + offset + j * T for base, arr in zip(SHARD_STARTS, SHARDS, strict=True)
-                for j in range((len(arr) - 1 - offset) // T)}
+    expected = {
+        base + offset + j * T
+        for base, arr in zip(SHARD_STARTS, SHARDS, strict=True)
+        for j in range((len(arr) - 1 - offset) // T)
+    }
     starts = [loader.next_batch()[0][0, 0].item() for _ in range(n)]
     assert len(starts) == len(set(starts)) == len(expected) and set(starts) == expected
     assert loader.epoch == 0
@@ -196,14 +199,13 @@ def test_block_size_longer_than_every_shard(synth: Path) -> None:
         WindowLoader(TokenShards(synth, "train"), 1000, 2, seed=0)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="src bug: loader.py _plan() can pick an offset that leaves 0 windows -> IndexError")
 @pytest.mark.parametrize("world", [1, 2])
 def test_short_shard_gives_windows_or_a_clear_error(tmp_path: Path, world: int) -> None:
     data = write_token_shards(tmp_path, {"train": [np.arange(20)]})  # windows of 17 tokens exist (offset <= 3)
     try:
-        loaders = [WindowLoader(TokenShards(data, "train"), T, 2, seed=0, rank=r, world_size=world)
-                   for r in range(world)]
+        loaders = [
+            WindowLoader(TokenShards(data, "train"), T, 2, seed=0, rank=r, world_size=world) for r in range(world)
+        ]
         for loader in loaders:
             for _ in range(3):
                 x, y = loader.next_batch()

@@ -6,16 +6,17 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import split_documents, split_tokens, write_corpus
 
 import bigmodel.data.prepare as prepare_mod
 from bigmodel.corpora import iter_documents
 from bigmodel.data.prepare import prepare
 from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.errors import UserError
+from conftest import split_documents, split_tokens, write_corpus
 
 CHAR_EOT = 256
 
@@ -32,7 +33,7 @@ def _assert_nothing_left(out: Path) -> None:
         assert leftovers == [], f"temporary folders left behind: {leftovers}"
 
 
-def _char(inputs: list[Path | str], out: Path, **kwargs) -> dict:  # type: ignore[no-untyped-def, type-arg]
+def _char(inputs: list[Path | str], out: Path, **kwargs: Any) -> dict[str, Any]:
     return prepare([str(i) for i in inputs], out, tokenizer="char", progress=False, **kwargs)
 
 
@@ -124,6 +125,15 @@ def test_single_file_is_split_at_a_line_boundary(tmp_path: Path) -> None:
     assert train.endswith(b"\n") and len(val) > 0
     assert 0.05 < len(val) / len(text) < 0.15
     assert m["splits"]["val"]["documents"] == 1 and m["splits"]["train"]["documents"] == 1
+
+
+def test_single_file_without_newline_near_the_end_is_split_on_a_character(tmp_path: Path) -> None:
+    text = "日本語のテキスト" * 4  # valid UTF-8, 96 bytes, no newline: the 90% cut lands inside a character
+    src = tmp_path / "one.txt"
+    src.write_text(text, encoding="utf-8")
+    out = tmp_path / "data"
+    _char([src], out, val_fraction=0.1)
+    assert b"".join(_docs_bytes(out, "train") + _docs_bytes(out, "val")) == text.encode()
 
 
 def test_single_builtin_like_document_is_also_split(tmp_path: Path) -> None:
@@ -250,7 +260,7 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     _assert_nothing_left(out)
 
 
-BAD_UTF8 = "good line\nbad ".encode() + b"\xff" + " byte\nmore text\n".encode()  # \xff at byte offset 14
+BAD_UTF8 = b"good line\nbad " + b"\xff" + b" byte\nmore text\n"  # \xff at byte offset 14
 
 
 def _bad_corpus(tmp_path: Path) -> Path:
@@ -341,6 +351,14 @@ def test_existing_output_is_refused_unless_overwrite(corpus_dir: Path, tmp_path:
     empty.mkdir()
     _char([corpus_dir], empty)  # an existing empty folder is fine
     assert (empty / "manifest.json").is_file()
+
+
+def test_output_that_is_a_file_is_refused(corpus_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    out.write_text("a file, not a folder")
+    with pytest.raises(UserError, match="data"):
+        _char([corpus_dir], out)
+    assert out.read_text() == "a file, not a folder"
 
 
 def test_failed_overwrite_keeps_the_old_output(corpus_dir: Path, tmp_path: Path) -> None:

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_gpt
 
 from bigmodel.config import GPTConfig
 from bigmodel.models.gpt import GPT
 from bigmodel.nn.attention import KVCache
+from conftest import tiny_gpt
 
 V = 64
 

@@ -6,33 +6,35 @@ import json
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_gpt
 from safetensors import safe_open
 
 from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
+from conftest import tiny_gpt
 
 V = 96
-ATOL = dict(rtol=1e-4, atol=1e-4)
+ATOL: dict[str, Any] = dict(rtol=1e-4, atol=1e-4)
 
 
 def _ids(b: int, t: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
-def _hf_model(tmp_path: Path, seed: int = 0):  # type: ignore[no-untyped-def]
+def _hf_model(tmp_path: Path, seed: int = 0) -> Any:
     """A randomly initialised transformers GPT-2 (biases and LayerNorms randomised too), saved by transformers."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=40, n_embd=32, n_layer=2, n_head=4,
-                                    bos_token_id=V - 1, eos_token_id=V - 1)).eval()
+    hf = GPT2LMHeadModel(
+        GPT2Config(vocab_size=V, n_positions=40, n_embd=32, n_layer=2, n_head=4, bos_token_id=V - 1, eos_token_id=V - 1)
+    ).eval()
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             p.add_(torch.randn_like(p) * (0.3 if p.dim() >= 2 else 0.1))
     hf.save_pretrained(tmp_path)
     return hf
@@ -88,9 +90,15 @@ def test_we_load_a_directory_saved_by_transformers(tmp_path: Path) -> None:
     torch.testing.assert_close(got, expected, **ATOL)
 
 
-def _hf_greedy(hf, idx: torch.Tensor, n: int, eos: int | None) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, do_sample=False,
-                       eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
+def _hf_greedy(hf: Any, idx: torch.Tensor, n: int, eos: int | None) -> torch.Tensor:
+    return hf.generate(
+        idx,
+        attention_mask=torch.ones_like(idx),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos if eos is not None else 0,
+    )
 
 
 def test_greedy_generate_matches_transformers(tmp_path: Path) -> None:
@@ -144,7 +152,7 @@ class _Boom:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[Any, ...]:
         return (os.mkdir, (str(self.marker),))
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SUBPROCESS_ENV, tiny_gpt
 
 from bigmodel import hardware
 from bigmodel.config import resolve_config
@@ -23,6 +22,7 @@ from bigmodel.models.gpt import GPT
 from bigmodel.train import checkpoint
 from bigmodel.train.loop import train
 from bigmodel.train.optim import make_optimizer
+from conftest import REPO, SUBPROCESS_ENV, tiny_gpt
 
 
 def _setup(seed: int = 0) -> tuple[GPT, torch.optim.Optimizer, Tokenizer]:
@@ -43,10 +43,10 @@ def _step(model: GPT, opt: torch.optim.Optimizer, seed: int) -> float:
 
 
 def _save(folder: Path, step: int, model: GPT, opt: torch.optim.Optimizer, tok: Tokenizer, keep: int = 2) -> Path:
-    config = resolve_config("tiny", None, [f"model.vocab_size={tok.vocab_size}", "model.block_size=32",
-                                           "model.n_embd=32"])
-    state = {"step": step, "tokens": 64 * step, "elapsed_s": 1.5, "loader": {"epoch": 0, "cursor": step},
-             "data": "abc"}
+    config = resolve_config(
+        "tiny", None, [f"model.vocab_size={tok.vocab_size}", "model.block_size=32", "model.n_embd=32"]
+    )
+    state = {"step": step, "tokens": 64 * step, "elapsed_s": 1.5, "loader": {"epoch": 0, "cursor": step}, "data": "abc"}
     return checkpoint.save_checkpoint(folder, step, model, tok, opt, config, state, keep)
 
 
@@ -143,8 +143,20 @@ def test_format_version_mismatch_is_refused(tmp_path: Path) -> None:
 
 
 # ----- kill and resume -------------------------------------------------------------------------------------
-TRAIN_ARGS = ["--preset", "tiny", "--set", "model.block_size=32", "--set", "train.deterministic=true",
-              "--set", "train.max_steps=12", "--set", "train.checkpoint_every=4", "--set", "train.log_every=1"]
+TRAIN_ARGS = [
+    "--preset",
+    "tiny",
+    "--set",
+    "model.block_size=32",
+    "--set",
+    "train.deterministic=true",
+    "--set",
+    "train.max_steps=12",
+    "--set",
+    "train.checkpoint_every=4",
+    "--set",
+    "train.log_every=1",
+]
 
 
 def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
@@ -152,8 +164,14 @@ def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _popen(cmd: list[str], **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, **SUBPROCESS_ENV, **env})
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **SUBPROCESS_ENV, **env},
+    )
 
 
 def _loss_by_step(run: Path) -> tuple[dict[int, str], list[str]]:
@@ -181,8 +199,14 @@ def test_killed_run_resumes_exactly(bpe_data: Path, tmp_path: Path) -> None:
     assert not (killed / "final").exists()
     assert sorted(_loss_by_step(killed)[0]) == [1, 2, 3, 4, 5, 6]
 
-    resumed = subprocess.run(_train_cmd(bpe_data, killed, *extra, "--resume", "auto"), capture_output=True,
-                             text=True, cwd=REPO, env={**os.environ, **SUBPROCESS_ENV}, timeout=120)
+    resumed = subprocess.run(
+        _train_cmd(bpe_data, killed, *extra, "--resume", "auto"),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **SUBPROCESS_ENV},
+        timeout=120,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr and "step-0000004 at step 4" in resumed.stderr
 
@@ -198,12 +222,15 @@ def test_killed_run_resumes_exactly(bpe_data: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-0000008", "step-0000012"]
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: hardware.matmul_peak_flops() draws torch.randn from the global "
-                   "RNG after load_checkpoint() restored it, so dropout masks differ after --resume")
 def test_resume_with_dropout_is_exact(bpe_data: Path, tmp_path: Path) -> None:
     """In-process variant of the kill test with dropout (which consumes the torch RNG every step)."""
-    config = ["model.block_size=32", "model.dropout=0.1", "train.max_steps=8", "train.checkpoint_every=4",
-              "train.eval_every=0"]
+    config = [
+        "model.block_size=32",
+        "model.dropout=0.1",
+        "train.max_steps=8",
+        "train.checkpoint_every=4",
+        "train.eval_every=0",
+    ]
     full, cut = tmp_path / "full", tmp_path / "cut"
     hardware.matmul_peak_flops.cache_clear()  # as in a fresh process
     train(resolve_config("tiny", None, config), bpe_data, full, progress=False)

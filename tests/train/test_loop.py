@@ -16,27 +16,18 @@ from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
 from bigmodel.train.logging import COLUMNS
 from bigmodel.train.loop import TrainResult, flops_per_token, train
+from conftest import TINY_RUN_OVERRIDES, TINY_RUN_STEPS
 
-STEPS = 30
-TINY = ["model.block_size=32", "train.eval_every=10", "train.checkpoint_every=10", "train.keep_checkpoints=2",
-        "train.eval_tokens=2048"]
+STEPS = TINY_RUN_STEPS
 
 
 def tiny_config(*overrides: str, steps: int = STEPS) -> RunConfig:
-    return resolve_config("tiny", None, [*TINY, f"train.max_steps={steps}", *overrides])
+    return resolve_config("tiny", None, [*TINY_RUN_OVERRIDES, f"train.max_steps={steps}", *overrides])
 
 
 def read_rows(run: Path) -> list[dict[str, str]]:
     with open(run / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(bpe_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, RunConfig]:
-    """One 30-step training run of the tiny preset (block 32) on the BPE data. Read-only."""
-    config = tiny_config()
-    result = train(config, bpe_data, tmp_path_factory.mktemp("runs") / "run", progress=False)
-    return result, config
 
 
 def test_loss_goes_down(tiny_run: tuple[TrainResult, RunConfig]) -> None:
@@ -54,8 +45,11 @@ def test_metrics_csv(tiny_run: tuple[TrainResult, RunConfig]) -> None:
     result, _ = tiny_run
     with open(result.run_dir / "metrics.csv", newline="") as f:
         header = next(csv.reader(f))
-    assert header == ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
-                      "elapsed_s"] == COLUMNS
+    assert (
+        header
+        == ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"]
+        == COLUMNS
+    )
     rows = read_rows(result.run_dir)
     train_rows = [r for r in rows if r["train_loss"]]
     assert [int(r["step"]) for r in train_rows] == list(range(1, STEPS + 1))  # log_every=1 in the tiny preset
@@ -83,8 +77,16 @@ def test_run_dir_layout(tiny_run: tuple[TrainResult, RunConfig]) -> None:
     assert ckpts == ["step-0000020", "step-0000030"]  # keep_checkpoints=2
     for name in ckpts:
         c = run / "checkpoints" / name
-        for f in ["COMPLETE", "config.json", "model.safetensors", "tokenizer.json", "config.toml",
-                  "trainer_state/optimizer.safetensors", "trainer_state/rng.safetensors", "trainer_state/state.json"]:
+        for f in [
+            "COMPLETE",
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "config.toml",
+            "trainer_state/optimizer.safetensors",
+            "trainer_state/rng.safetensors",
+            "trainer_state/state.json",
+        ]:
             assert (c / f).is_file(), f"{name}/{f}"
     for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
         assert (run / "final" / f).is_file(), f
@@ -128,11 +130,17 @@ def test_resume_refuses_changed_model(tiny_run: tuple[TrainResult, RunConfig], b
     assert (run / "config.toml").read_text() == before
 
 
-def test_resume_refuses_other_data(tiny_run: tuple[TrainResult, RunConfig], bpe_data: Path,
-                                   corpus_dir: Path, tmp_path: Path) -> None:
+def test_resume_refuses_other_data(
+    tiny_run: tuple[TrainResult, RunConfig], bpe_data: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
     other = tmp_path / "other"
-    prepare([str(p) for p in sorted(corpus_dir.glob("*.txt"))[:4]], other,
-            tokenizer=str(bpe_data / "tokenizer.json"), val_fraction=0.25, progress=False)
+    prepare(
+        [str(p) for p in sorted(corpus_dir.glob("*.txt"))[:4]],
+        other,
+        tokenizer=str(bpe_data / "tokenizer.json"),
+        val_fraction=0.25,
+        progress=False,
+    )
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0].run_dir, run)
     with pytest.raises(UserError, match="was trained on other data"):
@@ -155,8 +163,7 @@ def test_resume_from_explicit_path_errors(bpe_data: Path, tmp_path: Path) -> Non
 
 
 def test_wall_clock_budget_stops_training(bpe_data: Path, tmp_path: Path) -> None:
-    result = train(tiny_config("train.max_minutes=0.002", steps=100_000), bpe_data, tmp_path / "run",
-                   progress=False)
+    result = train(tiny_config("train.max_minutes=0.002", steps=100_000), bpe_data, tmp_path / "run", progress=False)
     assert result.stop_reason == "max_minutes"
     assert 1 <= result.steps < 100_000
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
@@ -173,3 +180,34 @@ def test_config_errors_write_nothing(bpe_data: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a data directory"):
         train(tiny_config(), tmp_path / "no-data", tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(
+    bpe_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    import bigmodel.train.loop as loop
+
+    real_step, calls = loop._step, []
+
+    def step_then_ctrl_c(*args: object, **kwargs: object) -> tuple[float, float]:
+        calls.append(1)
+        out = real_step(*args, **kwargs)  # type: ignore[arg-type]
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+        return out
+
+    handler_before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(loop, "_step", step_then_ctrl_c)
+    run = tmp_path / "run"
+    result = train(tiny_config(steps=6), bpe_data, run, progress=False)
+    assert result.stop_reason == "interrupted" and result.steps == 3
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is put back
+    assert (run / "checkpoints" / "step-0000003" / "COMPLETE").is_file()
+    assert not (run / "final").exists()
+
+    monkeypatch.setattr(loop, "_step", real_step)
+    result = train(tiny_config(steps=6), bpe_data, run, resume="auto", progress=False)
+    assert result.stop_reason == "max_steps" and result.steps == 6
+    assert [int(r["step"]) for r in read_rows(run) if r["train_loss"]] == [1, 2, 3, 4, 5, 6]

@@ -26,9 +26,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     data_dir = Path(data_dir)
     path = data_dir / "manifest.json"
     if not path.is_file():
-        raise UserError(
-            f"{data_dir} is not a data directory (no manifest.json); create one with `bigmodel prepare`"
-        )
+        raise UserError(f"{data_dir} is not a data directory (no manifest.json); create one with `bigmodel prepare`")
     try:
         manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -104,9 +102,15 @@ class WindowLoader:
 
     def _plan(self, epoch: int) -> None:
         rng = np.random.default_rng([self.seed, epoch])
-        self.offset = int(rng.integers(0, self.T))
+        longest = max(len(a) for a in self.shards.arrays)
+        self.offset = int(rng.integers(0, min(self.T, longest - self.T)))  # the longest shard keeps a window
         counts = np.array([max(0, (len(a) - 1 - self.offset) // self.T) for a in self.shards.arrays])
         self.first = np.concatenate([[0], np.cumsum(counts)])  # window index where each shard starts
+        if self.first[-1] < self.world:
+            raise UserError(
+                f"the {self.shards.split} split of {self.shards.dir} has {int(self.first[-1])} windows of "
+                f"{self.T + 1} tokens, fewer than the {self.world} ranks; add data or lower model.block_size"
+            )
         self.order = rng.permutation(int(self.first[-1]))
         self.epoch = epoch
 
@@ -145,7 +149,7 @@ def eval_batches(
         for start in range(0, len(arr) - 1, block_size):
             if budget <= 0:
                 break
-            window = np.asarray(arr[start : start + block_size + 1], dtype=np.int64)
+            window = np.asarray(arr[start : start + min(block_size, budget) + 1], dtype=np.int64)
             budget -= len(window) - 1
             if len(window) < block_size + 1:  # a short tail: its own batch
                 t = torch.from_numpy(window)[None]

@@ -59,6 +59,10 @@ class Source:
     bytes: int
     files: list[Path] = field(default_factory=list)
     builtin: str | None = None
+    root: Path | None = None  # the folder named on the command line (document names are relative to it)
+
+    def name_of(self, f: Path) -> str:
+        return f.relative_to(self.root).as_posix() if self.root is not None else f.name
 
 
 # ----- finding the inputs ---------------------------------------------------------------------------------
@@ -74,6 +78,7 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
                 sources.append(Source(label=item, bytes=size, builtin=item))
                 continue
             raise UserError(f"input {item} does not exist (built-in corpora: {', '.join(BUILTIN)})")
+        root = path if path.is_dir() else None
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
             if not files:
@@ -83,7 +88,7 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
         for f in files:
             if not os.access(f, os.R_OK):
                 raise UserError(f"cannot read {f}: permission denied")
-        sources.append(Source(label=str(path), bytes=sum(f.stat().st_size for f in files), files=files))
+        sources.append(Source(label=str(path), bytes=sum(f.stat().st_size for f in files), files=files, root=root))
     return sources
 
 
@@ -93,7 +98,7 @@ def _text_documents(sources: list[Source]) -> list[Document]:
         if s.builtin:
             docs += [Document(name=n, data=b) for n, b in iter_documents(s.builtin)]
         else:
-            docs += [Document(name=str(f), path=f) for f in s.files if f.suffix != ".jsonl"]
+            docs += [Document(name=s.name_of(f), path=f) for f in s.files if f.suffix != ".jsonl"]
     return docs
 
 
@@ -130,6 +135,11 @@ def _split_single(doc: Document, val_fraction: float) -> list[Document]:
         nl = rest.find(b"\n")
         nl = cut + nl if nl >= 0 else -1
     cut = nl + 1 if nl >= 0 else cut
+    if nl < 0:  # no line break after the cut: at least never split a UTF-8 character (<= 3 continuation bytes)
+        base = max(0, cut - 3)
+        window = data[base : cut + 1] if data is not None else _read_range(doc.path, base, cut + 1 - base)
+        while cut > base and cut - base < len(window) and window[cut - base] & 0xC0 == 0x80:
+            cut -= 1
     train = Document(name=doc.name, path=doc.path, end=cut, data=None if data is None else data[:cut])
     val = Document(
         name=f"{doc.name}#val",
@@ -139,6 +149,13 @@ def _split_single(doc: Document, val_fraction: float) -> list[Document]:
         split="val",
     )
     return [train, val]
+
+
+def _read_range(path: Path | None, start: int, size: int) -> bytes:
+    assert path is not None
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(size)
 
 
 # ----- reading text ---------------------------------------------------------------------------------------
@@ -192,7 +209,7 @@ def iter_text(doc: Document, errors: str, where: str | None = None) -> Iterator[
         yield carry
 
 
-def iter_jsonl(path: Path, errors: str, val_fraction: float) -> Iterator[Document]:
+def iter_jsonl(path: Path, name: str, errors: str, val_fraction: float) -> Iterator[Document]:
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below, a generator cannot use `with` across yields cleanly
     except OSError as e:
@@ -204,17 +221,14 @@ def iter_jsonl(path: Path, errors: str, val_fraction: float) -> Iterator[Documen
             try:
                 record = json.loads(raw.decode("utf-8", ERROR_MODES[errors]))
             except UnicodeDecodeError as e:
-                raise UserError(
-                    f"{path}:{lineno}: invalid UTF-8; fix the file or pass --errors replace|skip"
-                ) from e
+                raise UserError(f"{path}:{lineno}: invalid UTF-8; fix the file or pass --errors replace|skip") from e
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise UserError(f'{path}:{lineno}: expected an object with a string "text" field')
-            name = f"{path}:{lineno}"
-            split = "val" if _hash01(name) < val_fraction else "train"
-            yield Document(name=name, data=text.encode("utf-8"), split=split)
+            split = "val" if _hash01(f"{name}:{lineno}") < val_fraction else "train"
+            yield Document(name=f"{path}:{lineno}", data=text.encode("utf-8"), split=split)
 
 
 def iter_documents_of(
@@ -224,16 +238,14 @@ def iter_documents_of(
     for s in sources:
         for f in s.files:
             if f.suffix == ".jsonl":
-                yield from iter_jsonl(f, errors, val_fraction)
+                yield from iter_jsonl(f, s.name_of(f), errors, val_fraction)
 
 
 # ----- writing shards -------------------------------------------------------------------------------------
 class ShardWriter:
     """Appends token ids to `{split}-NNNNN.bin` files of at most `shard_tokens` tokens each."""
 
-    def __init__(
-        self, folder: Path, split: str, dtype: type[np.unsignedinteger[Any]], shard_tokens: int
-    ) -> None:
+    def __init__(self, folder: Path, split: str, dtype: type[np.unsignedinteger[Any]], shard_tokens: int) -> None:
         self.folder, self.split, self.dtype, self.shard_tokens = (
             folder,
             split,
@@ -325,10 +337,10 @@ def prepare(
     if shard_tokens < 1:
         raise UserError(f"--shard-tokens {shard_tokens} is invalid: expected an integer >= 1")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder to create")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(
-            f"output folder {out} exists and is not empty; choose another --out or pass --overwrite"
-        )
+        raise UserError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
     workers = workers or os.cpu_count() or 1
     os.environ.setdefault("RAYON_NUM_THREADS", str(workers))  # tokenizers' thread pool, read once per process
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if workers > 1 else "false"
@@ -336,9 +348,7 @@ def prepare(
     t0 = time.time()
     sources = resolve_inputs(inputs)
     text_docs = assign_splits(_text_documents(sources), val_fraction)
-    tok = make_tokenizer(
-        tokenizer, sources, text_docs, vocab_size, errors, val_fraction, tokenizer_sample_bytes
-    )
+    tok = make_tokenizer(tokenizer, sources, text_docs, vocab_size, errors, val_fraction, tokenizer_sample_bytes)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -408,7 +418,12 @@ def _encode_all(
     batch: list[tuple[str, str, bool]] = []  # (split, text, ends a document)
 
     def flush() -> None:
-        encoded = tok.encode_batch([t for _, t, _ in batch])
+        # A literal "<|endoftext|>" inside a document is text, not a separator: separators are appended below.
+        tok.tok.encode_special_tokens = True
+        try:
+            encoded = tok.encode_batch([t for _, t, _ in batch])
+        finally:
+            tok.tok.encode_special_tokens = False
         for (split, text, last), ids in zip(batch, encoded, strict=True):
             if last:
                 ids = ids + [tok.eot_id]

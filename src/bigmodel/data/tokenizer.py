@@ -7,8 +7,7 @@ which separates documents in the shards. Saved directories load with `AutoTokeni
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -117,9 +116,7 @@ class Tokenizer:
             "bigmodel_kind": self.kind,
         }
         atomic.write_json(path / "tokenizer_config.json", config)
-        atomic.write_json(
-            path / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
-        )
+        atomic.write_json(path / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
@@ -127,11 +124,7 @@ class Tokenizer:
 
 def _bytes_to_unicode() -> dict[str, int]:
     """GPT-2's printable stand-in character for each byte value, inverted: char -> byte."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -143,14 +136,3 @@ def _bytes_to_unicode() -> dict[str, int]:
 
 
 _BYTE_OF = _bytes_to_unicode()
-
-
-def read_kind(path: str | Path) -> str:
-    cfg = Path(path) / "tokenizer_config.json"
-    if cfg.is_file():
-        return str(json.loads(cfg.read_text(encoding="utf-8")).get("bigmodel_kind", "bpe"))
-    return "bpe"
-
-
-def iter_nonempty(texts: Iterable[str]) -> Iterator[str]:
-    return (t for t in texts if t)

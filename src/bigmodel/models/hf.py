@@ -55,9 +55,7 @@ def hf_config(config: GPTConfig, eot_id: int | None) -> dict[str, Any]:
 
 def gpt_config_from_hf(cfg: dict[str, Any], where: Path) -> GPTConfig:
     if cfg.get("model_type") != "gpt2":
-        raise UserError(
-            f"{where}: model_type is {cfg.get('model_type')!r}; bigmodel's GPT loads 'gpt2' models"
-        )
+        raise UserError(f"{where}: model_type is {cfg.get('model_type')!r}; bigmodel's GPT loads 'gpt2' models")
     act = cfg.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{where}: activation_function {act!r} is not supported (GPT-2 uses 'gelu_new')")
@@ -66,9 +64,7 @@ def gpt_config_from_hf(cfg: dict[str, Any], where: Path) -> GPTConfig:
     if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False):
         raise UserError(f"{where}: non-standard attention scaling is not supported")
     if abs(cfg.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        raise UserError(
-            f"{where}: layer_norm_epsilon={cfg['layer_norm_epsilon']} is not supported (only 1e-5)"
-        )
+        raise UserError(f"{where}: layer_norm_epsilon={cfg['layer_norm_epsilon']} is not supported (only 1e-5)")
     return GPTConfig(
         vocab_size=cfg["vocab_size"],
         block_size=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
@@ -162,8 +158,7 @@ def load_gpt(path: str | Path) -> GPT:
     for name, tensor in sd.items():
         if tensor.shape != own[name].shape:
             raise UserError(
-                f"{weights}: {name} has shape {tuple(tensor.shape)}, config.json implies "
-                f"{tuple(own[name].shape)}"
+                f"{weights}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(own[name].shape)}"
             )
     model.load_state_dict(sd)
     return model.eval()

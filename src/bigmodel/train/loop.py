@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,6 +47,29 @@ class TrainResult:
     seconds: float
 
 
+class StopOnInterrupt:
+    """Turns the first Ctrl-C into a request to stop at the next step boundary (a second one aborts)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+
+    def __enter__(self) -> StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def flops_per_token(model: GPT) -> float:
     """Training FLOPs per token: 6 * parameters for the matmuls + attention's 12 * L * T * C (PaLM appendix B)."""
     c = model.config
@@ -57,9 +81,7 @@ def _prepare_run_dir(out: Path, resume: str | None) -> Path | None:
     ckpts = out / "checkpoints"
     if resume is None:
         if checkpoint.complete_checkpoints(ckpts) or (out / "final").exists():
-            raise UserError(
-                f"{out} already holds a run; pass --resume auto to continue it, or choose a new --out"
-            )
+            raise UserError(f"{out} already holds a run; pass --resume auto to continue it, or choose a new --out")
         return None
     if resume == "auto":
         found = checkpoint.latest_checkpoint(ckpts)
@@ -68,9 +90,7 @@ def _prepare_run_dir(out: Path, resume: str | None) -> Path | None:
         return found
     path = Path(resume)
     if not path.is_dir():
-        raise UserError(
-            f"--resume {resume}: no such checkpoint folder; use --resume auto or a step-NNNNNNN folder"
-        )
+        raise UserError(f"--resume {resume}: no such checkpoint folder; use --resume auto or a step-NNNNNNN folder")
     return path
 
 
@@ -158,9 +178,12 @@ def train(
     model.train()
     t_loop = time.time()
     stop_reason, loss, t_last, tok_last = "max_steps", math.nan, time.time(), tokens
-    try:
+    with StopOnInterrupt() as interrupt:
         while step < cfg.max_steps:
             elapsed = elapsed_before + time.time() - t_loop
+            if interrupt.requested:
+                stop_reason = "interrupted"
+                break
             if budget_s and elapsed >= budget_s:
                 stop_reason = "max_minutes"
                 break
@@ -203,14 +226,13 @@ def train(
                 save(step)
             if kill_at and step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-    except KeyboardInterrupt:
-        bar.close()
-        save(step)
-        log.close()
-        print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume auto", file=sys.stderr)
-        raise
     bar.close()
     train_seconds = elapsed_before + time.time() - t_loop
+    if stop_reason == "interrupted":
+        save(step)
+        log.close()
+        print(f"interrupted at step {step}; checkpoint saved, continue with --resume auto", file=sys.stderr)
+        return TrainResult(out, step, tokens, loss, None, stop_reason, time.time() - t_start)
 
     # --- the end: last checkpoint, final evaluation, export, plot ---
     if not (out / "checkpoints" / f"step-{step:07d}").exists():
@@ -255,5 +277,5 @@ def _step(
 
 def run_train(args: Any) -> int:
     config = resolve_config(args.preset, args.config, args.set)
-    train(config, args.data, args.out, resume=args.resume)
-    return 0
+    result = train(config, args.data, args.out, resume=args.resume)
+    return 130 if result.stop_reason == "interrupted" else 0

@@ -1,0 +1,217 @@
+"""The command line: --help with examples, one-line user errors with exit status 2, eval and generate output.
+
+Most checks call `bigmodel.cli.main` in-process (cheap); the end-to-end test runs the real command in
+subprocesses (exit statuses, streams, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bigmodel.cli import main
+from bigmodel.data.tokenizer import Tokenizer
+from bigmodel.train.loop import TrainResult
+from conftest import run_cli, tiny_gpt, write_corpus
+
+VERBS = ["prepare", "train", "eval", "generate", "demo"]
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help_has_an_example(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([verb, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: bigmodel {verb}" in out
+    assert "example" in out and f"bigmodel {verb} " in out.split("example", 1)[1]
+
+
+def test_top_level_help_lists_verbs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(v in out for v in VERBS)
+
+
+def _user_error(argv: list[str], capsys: pytest.CaptureFixture[str], verb: str) -> str:
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"bigmodel {verb}: error: "), lines[0]
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained char-level model directory with its tokenizer (enough for generate's checks)."""
+    path = tmp_path_factory.mktemp("model")
+    tok = Tokenizer.char()
+    tiny_gpt(tok.vocab_size, block_size=64).save_pretrained(path, tok)
+    return path
+
+
+def test_user_errors_are_one_line_with_status_2(
+    tmp_path: Path, bpe_data: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    msg = _user_error(["prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d")], capsys, "prepare")
+    assert "nope.txt does not exist" in msg
+    assert not (tmp_path / "d").exists()
+
+    msg = _user_error(
+        ["train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "r1"), "--preset", "tiny"],
+        capsys,
+        "train",
+    )
+    assert "nodata is not a data directory" in msg and "bigmodel prepare" in msg
+
+    msg = _user_error(
+        ["train", "--data", str(bpe_data), "--out", str(tmp_path / "r2"), "--preset", "tiny", "--set", "train.lrr=0.1"],
+        capsys,
+        "train",
+    )
+    assert "unknown config key 'train.lrr'" in msg and "lr" in msg.split("train.lrr", 1)[1]
+    assert not (tmp_path / "r2").exists()
+
+    msg = _user_error(
+        ["train", "--data", str(bpe_data), "--out", str(tmp_path / "r3"), "--preset", "tiny", "--set", "train.lr=-1"],
+        capsys,
+        "train",
+    )
+    assert "train.lr=-1" in msg
+
+    msg = _user_error(["eval", str(tmp_path), "--data", str(bpe_data)], capsys, "eval")
+    assert "is neither a model directory" in msg
+
+    msg = _user_error(["generate", str(model_dir), "--prompt", "hi", "--temperature", "0"], capsys, "generate")
+    assert "temperature=0.0 must be > 0" in msg
+
+    msg = _user_error(["generate", str(model_dir), "--prompt", "x" * 60, "--max-new-tokens", "10"], capsys, "generate")
+    assert "context window of 64 tokens" in msg
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--debug", "prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("bigmodel prepare: error:")
+
+
+def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "somewhere", "--max-new-tokens", "0"])
+    assert info.value.code == 2
+    assert "not a positive integer" in capsys.readouterr().err
+
+
+def test_eval_prints_one_json_line(
+    tiny_run: tuple[TrainResult, object], bpe_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = tiny_run[0]
+    assert main(["eval", str(result.run_dir), "--data", str(bpe_data)]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1
+    scores = json.loads(out)
+    assert set(scores) == {"loss", "perplexity", "bits_per_byte", "tokens"}
+    assert result.val is not None
+    assert scores["loss"] == pytest.approx(result.val["loss"], rel=1e-5)  # same model, same split
+    assert scores["perplexity"] == pytest.approx(math.exp(scores["loss"]))
+    manifest = json.loads((bpe_data / "manifest.json").read_text())
+    val = manifest["splits"]["val"]
+    assert scores["tokens"] == val["tokens"] - 1  # every val token but the first is predicted
+    assert scores["bits_per_byte"] == pytest.approx(scores["loss"] / math.log(2) * val["tokens"] / val["bytes"])
+
+    assert (
+        main(
+            ["eval", str(result.run_dir / "final"), "--data", str(bpe_data), "--split", "train", "--max-tokens", "500"]
+        )
+        == 0
+    )
+    limited = json.loads(capsys.readouterr().out)
+    assert 500 <= limited["tokens"] < 500 + 32
+
+
+def test_eval_refuses_data_with_another_tokenizer(
+    tiny_run: tuple[TrainResult, object], char_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    msg = _user_error(["eval", str(tiny_run[0].run_dir), "--data", str(char_data)], capsys, "eval")
+    assert "tokenized with another tokenizer" in msg
+
+
+def test_generate_prints_text_on_stdout_and_is_reproducible(
+    tiny_run: tuple[TrainResult, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = str(tiny_run[0].run_dir)
+    outs = []
+    for seed in ("1", "1", "2"):
+        assert main(["generate", run, "--prompt", "HAMLET:", "--seed", seed, "--max-new-tokens", "24"]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.startswith("HAMLET:")
+        assert "tokens/s" not in captured.out and "tokens/s" in captured.err  # timings on stderr only
+        outs.append(captured.out)
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+
+    assert (
+        main(["generate", run, "--prompt", "HAMLET:", "--seed", "3", "--max-new-tokens", "8", "--num-samples", "2"])
+        == 0
+    )
+    samples = capsys.readouterr().out.split("\n" + "-" * 40 + "\n")
+    assert len(samples) == 2 and all(s.startswith("HAMLET:") for s in samples)
+
+    greedy = []
+    for _ in range(2):  # no prompt: continue from the end-of-text token, i.e. start a new document
+        assert main(["generate", run, "--greedy", "--max-new-tokens", "8"]) == 0
+        greedy.append(capsys.readouterr())
+    assert greedy[0].out == greedy[1].out and len(greedy[0].out) > 1
+    assert "generated" in greedy[0].err
+
+
+def test_end_to_end_via_subprocess(tmp_path: Path) -> None:
+    """prepare -> train (tiny) -> eval -> generate, as a user runs them."""
+    write_corpus(tmp_path / "corpus", n_docs=6, lines=30, seed=3)
+    data, run = tmp_path / "data", tmp_path / "run"
+
+    p = run_cli("prepare", str(tmp_path / "corpus"), "--out", str(data), "--vocab-size", "300")
+    assert p.returncode == 0, p.stderr
+    assert "prepared" in p.stderr and (data / "manifest.json").is_file()
+
+    p = run_cli(
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--set",
+        "model.block_size=32",
+        "--set",
+        "train.max_steps=8",
+        "--set",
+        "train.checkpoint_every=4",
+    )
+    assert p.returncode == 0, p.stderr
+    assert "8 steps" in p.stderr and (run / "final" / "model.safetensors").is_file()
+
+    p = run_cli("eval", str(run), "--data", str(data))
+    assert p.returncode == 0, p.stderr
+    scores = json.loads(p.stdout)
+    assert set(scores) == {"loss", "perplexity", "bits_per_byte", "tokens"}
+    assert 0 < scores["loss"] < math.log(300)
+
+    p = run_cli("generate", str(run), "--prompt", "HAMLET:", "--seed", "1", "--max-new-tokens", "16")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("HAMLET:") and "tokens/s" in p.stderr and "tokens/s" not in p.stdout
+
+    p = run_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run2"))
+    assert p.returncode == 2
+    assert p.stderr.startswith("bigmodel train: error: ") and len(p.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in p.stderr and p.stdout == ""
