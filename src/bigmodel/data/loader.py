@@ -142,24 +142,34 @@ class WindowLoader:
 def eval_batches(
     shards: TokenShards, block_size: int, batch: int, max_tokens: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive non-overlapping windows covering the split in order (the last one may be shorter)."""
+    """Non-overlapping windows of the split, in order, as (x, y) batches; the last window of a shard may be shorter.
+
+    Without `max_tokens` the windows cover the whole split. With it, about max_tokens / block_size windows
+    are taken evenly spaced across the split (so a periodic estimate is not biased towards its beginning),
+    and at most `max_tokens` tokens are scored.
+    """
+    starts = [(i, s) for i, arr in enumerate(shards.arrays) for s in range(0, len(arr) - 1, block_size)]
+    if max_tokens is not None and max_tokens < shards.tokens:
+        keep = max(1, -(-max_tokens // block_size))
+        picked = np.unique(np.linspace(0, len(starts) - 1, keep).round().astype(int))
+        starts = [starts[k] for k in picked]
     budget = max_tokens if max_tokens is not None else shards.tokens
     rows: list[np.ndarray] = []
-    for arr in shards.arrays:
-        for start in range(0, len(arr) - 1, block_size):
-            if budget <= 0:
-                break
-            window = np.asarray(arr[start : start + min(block_size, budget) + 1], dtype=np.int64)
-            budget -= len(window) - 1
-            if len(window) < block_size + 1:  # a short tail: its own batch
-                t = torch.from_numpy(window)[None]
-                yield t[:, :-1], t[:, 1:]
-                continue
-            rows.append(window)
-            if len(rows) == batch:
-                t = torch.from_numpy(np.stack(rows))
-                yield t[:, :-1], t[:, 1:]
-                rows = []
+    for shard, start in starts:
+        if budget <= 0:
+            break
+        arr = shards.arrays[shard]
+        window = np.asarray(arr[start : start + min(block_size, budget) + 1], dtype=np.int64)
+        budget -= len(window) - 1
+        if len(window) < block_size + 1:  # a short window: its own batch
+            t = torch.from_numpy(window)[None]
+            yield t[:, :-1], t[:, 1:]
+            continue
+        rows.append(window)
+        if len(rows) == batch:
+            t = torch.from_numpy(np.stack(rows))
+            yield t[:, :-1], t[:, 1:]
+            rows = []
     if rows:
         t = torch.from_numpy(np.stack(rows))
         yield t[:, :-1], t[:, 1:]
