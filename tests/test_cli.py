@@ -135,7 +135,7 @@ def test_eval_prints_one_json_line(
         == 0
     )
     limited = json.loads(capsys.readouterr().out)
-    assert 500 <= limited["tokens"] < 500 + 32
+    assert 400 < limited["tokens"] <= 500  # an upper bound: evenly spaced windows, some shorter
 
 
 def test_eval_refuses_data_with_another_tokenizer(
