@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from bigmodel.generation import filter_logits, generate, next_token
+from bigmodel.generation import GenerationConfig, generate, process_logits
 from bigmodel.models.gpt import GPT
 from conftest import tiny_gpt
 
@@ -130,7 +130,7 @@ def test_training_mode_is_restored(model: GPT) -> None:
         (dict(do_sample=True, top_k=0), "top_k=0 must be >= 1"),
         (dict(max_new_tokens=44), r"prompt \(5 tokens\) \+ max_new_tokens \(44\) exceeds the context window of 48"),
         (dict(max_length=49), "exceeds the context window"),
-        (dict(max_new_tokens=0), "nothing to generate"),
+        (dict(max_new_tokens=0), "max_new_tokens=0 must be >= 1"),
         (dict(max_length=5), "nothing to generate"),
         (dict(num_return_sequences=0), "num_return_sequences=0"),
     ],
@@ -150,30 +150,39 @@ def test_greedy_ignores_sampling_parameters(model: GPT) -> None:
     assert torch.equal(generate(model, idx, max_new_tokens=5, temperature=0.0), generate(model, idx, max_new_tokens=5))
 
 
+def _filtered(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    return process_logits(logits, None, GenerationConfig(do_sample=True, top_k=top_k, top_p=top_p))
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_p: float | None, g: torch.Generator) -> torch.Tensor:
+    cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p)
+    return torch.multinomial(process_logits(logits, None, cfg).softmax(-1), 1, generator=g).squeeze(-1)
+
+
 def test_filter_logits() -> None:
     logits = torch.log(torch.tensor([[0.1, 0.5, 0.15, 0.25], [0.4, 0.3, 0.2, 0.1]]))
     inf = float("-inf")
-    k2 = filter_logits(logits, top_k=2, top_p=None)
+    k2 = _filtered(logits, top_k=2, top_p=None)
     assert torch.isinf(k2).tolist() == [[True, False, True, False], [False, False, True, True]]
-    p = filter_logits(logits, top_k=None, top_p=0.65)  # the smallest prefix whose mass reaches top_p
+    p = _filtered(logits, top_k=None, top_p=0.65)  # the smallest prefix whose mass reaches top_p
     assert torch.isinf(p).tolist() == [[True, False, True, False], [False, False, True, True]]
-    p = filter_logits(logits, top_k=None, top_p=0.8)
+    p = _filtered(logits, top_k=None, top_p=0.8)
     assert torch.isinf(p).tolist() == [[True, False, False, False], [False, False, False, True]]
-    assert torch.equal(filter_logits(logits, None, 1.0), logits)
-    assert torch.equal(filter_logits(logits, 4, None), logits)
-    assert (filter_logits(logits, 1, None) == inf).sum().item() == 6
+    assert torch.equal(_filtered(logits, None, 1.0), logits)
+    assert torch.equal(_filtered(logits, 4, None), logits)
+    assert (_filtered(logits, 1, None) == inf).sum().item() == 6
 
 
 def test_sampling_follows_the_distribution() -> None:
     probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
     logits = torch.log(probs).expand(4000, 4)
     g = torch.Generator().manual_seed(0)
-    draws = next_token(logits, True, 1.0, None, None, g)
+    draws = _draw(logits, 1.0, None, g)
     freq = torch.bincount(draws, minlength=4).float() / 4000
     torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
-    hot = next_token(logits, True, 2.0, None, None, g)  # temperature 2 flattens: p ~ sqrt(p)
+    hot = _draw(logits, 2.0, None, g)  # temperature 2 flattens: p ~ sqrt(p)
     flat = probs.sqrt() / probs.sqrt().sum()
     torch.testing.assert_close(torch.bincount(hot, minlength=4).float() / 4000, flat, atol=0.03, rtol=0)
-    nucleus = next_token(logits, True, 1.0, None, 0.8, g)
+    nucleus = _draw(logits, 1.0, 0.8, g)
     assert set(nucleus.tolist()) == {0, 1}
     assert math.isclose((nucleus == 0).float().mean().item(), 2 / 3, abs_tol=0.04)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 EXIT_USER_ERROR = 2
+DTYPES = ["auto", "fp32", "bf16", "int8"]
 
 
 def _positive_int(text: str) -> int:
@@ -85,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="data directory prepared with the model's tokenizer")
     e.add_argument("--split", default="val", choices=["val", "train"])
     e.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
-    e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast for fp32 weights")
+    e.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights (e.g. int8 to measure its quality)")
 
     g = sub.add_parser(
         "generate",
@@ -101,7 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.95")
     g.add_argument("--num-samples", type=_positive_int, default=1)
     g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p * the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text (repeatable)")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="weights: auto (bf16 where native, else fp32)")
 
     d = sub.add_parser(
         "demo",
@@ -133,6 +139,10 @@ def _runner(verb: str) -> Callable[[Any], int]:
         from bigmodel.generation import run_generate
 
         return run_generate
+    if verb in ("export", "import"):
+        from bigmodel.convert import run_export, run_import
+
+        return run_export if verb == "export" else run_import
     from bigmodel.demo import run_demo
 
     return run_demo

@@ -72,8 +72,10 @@ def check_same_tokenizer(model_dir: Path, data_dir: Path) -> None:
 
 
 def run_eval(args: Any) -> int:
+    from bigmodel.generation import cast_for_inference
+
     model_dir = resolve_model_dir(args.model)
-    model = GPT.from_pretrained(model_dir)
+    model = cast_for_inference(GPT.from_pretrained(model_dir), args.dtype)
     shards = TokenShards(args.data, args.split)
     check_same_tokenizer(model_dir, Path(args.data))
     dtype = hardware.autocast_dtype(args.precision, hardware.default_device())

@@ -1,160 +1,475 @@
-"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), one engine for all callers.
+"""The generation engine: one decoder for the Python API, the CLI, evaluation and (later) the server.
 
-`generate()` takes and returns token ids like transformers' `generate` (the prompt followed by the new
-tokens); `run_generate()` is the `bigmodel generate` command.
+Reading order:
+  GenerationConfig     the knobs, named as in transformers, validated with clear ValueErrors
+  process_logits       repetition penalty -> temperature -> top-k -> top-p -> min-p (transformers' order)
+  decode               the loop: left-padded batch prefill into a preallocated KV cache, then one token
+                       per step for every row; yields each step's tokens and their log-probabilities
+  generate             token ids in, token ids out (what `GPT.generate` calls)
+  TextStream           incremental detokenisation: UTF-8-safe chunks, stop strings never emitted
+  generate_text/stream_text   strings in, strings out (CLI, server)
+  run_generate         `bigmodel generate`
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
 
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+if TYPE_CHECKING:
+    from bigmodel.data.tokenizer import Tokenizer
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus (top-p) to -inf. logits: (B, V)."""
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+@dataclass(kw_only=True)
+class GenerationConfig:
+    max_new_tokens: int | None = None  # wins over max_length
+    max_length: int | None = None  # prompt + new tokens (transformers' default: 20)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+    eos_token_id: int | list[int] | None = None  # stop token ids
+    pad_token_id: int | None = None
+    seed: int | None = None
+
+    def validate(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        check(
+            self.max_new_tokens is None or self.max_new_tokens >= 1,
+            f"max_new_tokens={self.max_new_tokens} must be >= 1",
+        )
+        check(self.max_length is None or self.max_length >= 1, f"max_length={self.max_length} must be >= 1")
+        check(self.num_return_sequences >= 1, f"num_return_sequences={self.num_return_sequences} must be >= 1")
+        check(self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = off)")
+        if self.do_sample:
+            check(
+                self.temperature > 0, f"temperature={self.temperature} must be > 0 when sampling (or do_sample=False)"
+            )
+            check(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1")
+            check(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
+            check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]")
+
+    @property
+    def stop_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+
+def _split_kwargs(kwargs: dict[str, Any]) -> GenerationConfig:
+    known = {f.name for f in fields(GenerationConfig)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"unknown generation argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    config = GenerationConfig(**kwargs)
+    config.validate()
+    return config
+
+
+# ----- logits processing ------------------------------------------------------------------------------------
+def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig) -> torch.Tensor:
+    """logits (N, V) float -> processed logits (N, V); `seen` (N, V) bool marks tokens already in each row."""
+    if seen is not None and cfg.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if not cfg.do_sample:
+        return logits
+    logits = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if cfg.top_p is not None and cfg.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        drop_orig = torch.zeros_like(drop).scatter(-1, order, drop)
-        logits = logits.masked_fill(drop_orig, float("-inf"))
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    if cfg.min_p is not None and cfg.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
 
 
-def next_token(
-    logits: torch.Tensor,
-    do_sample: bool,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,)."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+# ----- the decoding loop ------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    tokens: torch.Tensor  # (N,) the token chosen for every row this step
+    logprobs: torch.Tensor  # (N,) its log-probability under the model (before any processing)
+    done: torch.Tensor  # (N,) rows that have finished (they keep receiving the pad token)
+
+
+def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[Step]:
+    """Generate for every prompt (each repeated num_return_sequences times), one Step per new token.
+
+    Prompts of different lengths are left-padded: each row gets its own positions (0 at its first real
+    token) and an attention mask that hides the padding, so every row decodes as if it were alone.
+    Invalid prompts raise ValueError here, before the first step is asked for.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start an empty text with the end-of-text token)")
+    rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
+    L = max(len(p) for p in rows)
+    new = cfg.max_new_tokens if cfg.max_new_tokens is not None else (cfg.max_length or 20) - L
+    if new < 1:
+        raise ValueError(f"nothing to generate: max_length={cfg.max_length} but the prompt has {L} tokens")
+    block = model.config.block_size
+    if L + new > block:
+        raise ValueError(
+            f"prompt ({L} tokens) + max_new_tokens ({new}) exceeds the context window of {block} tokens; "
+            f"shorten the prompt or ask for at most {max(block - L, 0)} new tokens"
+        )
+    vocab = model.config.vocab_size or 0
+    if max(max(p) for p in rows) >= vocab or min(min(p) for p in rows) < 0:
+        raise ValueError(f"prompt token ids must be in [0, {vocab})")
+    return _decode_steps(model, rows, new, cfg)
 
 
 @torch.no_grad()
+def _decode_steps(model: GPT, rows: list[list[int]], new: int, cfg: GenerationConfig) -> Iterator[Step]:
+    device = model.transformer.wte.weight.device
+    N, L, vocab = len(rows), max(len(p) for p in rows), model.config.vocab_size or 0
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.stop_ids or [0])[0]
+    ids = torch.full((N, L), pad, dtype=torch.long, device=device)
+    real = torch.zeros((N, L), dtype=torch.bool, device=device)
+    for i, p in enumerate(rows):
+        ids[i, L - len(p) :] = torch.tensor(p, device=device)
+        real[i, L - len(p) :] = True
+    padded = not bool(real.all())
+    positions = (real.cumsum(-1) - 1).clamp(min=0)  # (N, L)
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros((N, vocab), dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, real)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    stop = torch.tensor(cfg.stop_ids, dtype=torch.long, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(N, L + new)
+        keys = real.clone()  # (N, S): which cached positions are real tokens
+        mask = None
+        if padded:  # (N, 1, L, L): causal, padding hidden, and every query may see itself (no empty rows)
+            causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+            mask = (causal & keys[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
+            mask = mask[:, None]
+        logits, _ = model(ids, cache=cache, last_only=True, position_ids=positions if padded else None, attn_mask=mask)
+        next_pos = positions[:, -1] + 1  # (N,)
+        done = torch.zeros(N, dtype=torch.bool, device=device)
+        for _ in range(new):
+            raw = logits[:, -1, :].float()  # (N, V)
+            scores = process_logits(raw, seen, cfg)
+            if cfg.do_sample:
+                tok = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+            else:
+                tok = scores.argmax(-1)
+            tok = tok.masked_fill(done, pad)
+            logprobs = raw.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+            if len(stop):
+                done = done | torch.isin(tok, stop)
+            yield Step(tok, logprobs, done.clone())
+            if bool(done.all()):
+                return
+            if seen is not None:
+                seen.scatter_(1, tok[:, None], True)
+            keys = torch.cat([keys, torch.ones(N, 1, dtype=torch.bool, device=device)], dim=1)
+            step_mask = keys[:, None, None, :] if padded else None  # (N, 1, 1, S)
+            pos = next_pos[:, None] if padded else None
+            logits, _ = model(tok[:, None], cache=cache, last_only=True, position_ids=pos, attn_mask=step_mask)
+            next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
+
+
 def generate(
     model: GPT,
     input_ids: torch.Tensor | list[int] | list[list[int]],
     *,
-    max_new_tokens: int | None = None,
-    max_length: int | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    num_return_sequences: int = 1,
-    eos_token_id: int | None = None,
-    seed: int | None = None,
-) -> torch.Tensor:
+    attention_mask: torch.Tensor | None = None,
+    stop_strings: list[str] | None = None,
+    tokenizer: Tokenizer | None = None,
+    output_logprobs: bool = False,
+    **kwargs: Any,
+) -> Any:
     """Continue each row of `input_ids` (B, T); returns (B * num_return_sequences, T + new) token ids.
 
-    As in transformers: `max_new_tokens` wins over `max_length` (prompt + new, default 20); rows that emit
-    `eos_token_id` are padded with it until every row has finished.
+    Keywords as in transformers' `generate`: max_new_tokens, max_length, do_sample, temperature, top_k,
+    top_p, min_p, repetition_penalty, num_return_sequences, eos_token_id, pad_token_id, plus `seed`.
+    `attention_mask` (B, T) marks real tokens of left-padded rows. Rows that stop (an eos token, or a stop
+    string, which needs `tokenizer`) are padded until all have. With output_logprobs=True returns
+    (ids, logprobs (N, new)).
     """
-    device = model.transformer.wte.weight.device
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    ids = ids[None] if ids.dim() == 1 else ids
-    _check(
-        ids.dim() == 2 and ids.size(1) >= 1,
-        f"input_ids must be (batch, length>=1), got shape {tuple(ids.shape)}",
-    )
-    prompt_len = ids.size(1)
-    new = max_new_tokens if max_new_tokens is not None else (max_length or 20) - prompt_len
-    _check(
-        new >= 1,
-        f"nothing to generate: max_new_tokens={new} (max_length={max_length}, prompt {prompt_len} tokens)",
-    )
-    _check(num_return_sequences >= 1, f"num_return_sequences={num_return_sequences} must be >= 1")
-    if do_sample:
-        _check(
-            temperature > 0,
-            f"temperature={temperature} must be > 0 when sampling (use do_sample=False for greedy)",
-        )
-        _check(top_k is None or top_k >= 1, f"top_k={top_k} must be >= 1")
-        _check(top_p is None or 0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]")
-    block = model.config.block_size
-    _check(
-        prompt_len + new <= block,
-        f"prompt ({prompt_len} tokens) + max_new_tokens ({new}) exceeds the context window of {block} tokens; "
-        f"shorten the prompt or ask for at most {max(block - prompt_len, 0)} new tokens",
-    )
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-
-    was_training = model.training
-    model.eval()
-    ids = ids.repeat_interleave(num_return_sequences, dim=0)  # (B*n, T)
-    cache = model.new_cache(ids.size(0), prompt_len + new)
-    logits, _ = model(ids, cache=cache, last_only=True)  # (B*n, 1, V)
-    done = torch.zeros(ids.size(0), dtype=torch.bool, device=device)
-    out = [ids]
-    for _ in range(new):
-        tok = next_token(logits[:, -1, :], do_sample, temperature, top_k, top_p, generator)  # (B*n,)
-        if eos_token_id is not None:
-            tok = tok.masked_fill(done, eos_token_id)
-            done |= tok == eos_token_id
-        out.append(tok[:, None])
-        if eos_token_id is not None and bool(done.all()):
+    cfg = _split_kwargs(kwargs)
+    prompts = _prompts_from(input_ids, attention_mask)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs tokenizer=... to see text")
+    rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
+    streams = [TextStream(tokenizer, stop_strings) for _ in rows] if stop_strings and tokenizer else None
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.stop_ids or [0])[0]
+    new_tokens: list[list[int]] = [[] for _ in rows]
+    new_logprobs: list[list[float]] = [[] for _ in rows]
+    finished = [False] * len(rows)
+    for step in decode(model, prompts, cfg):
+        for i, (t, lp) in enumerate(zip(step.tokens.tolist(), step.logprobs.tolist(), strict=True)):
+            if finished[i]:
+                continue
+            new_tokens[i].append(t)
+            new_logprobs[i].append(lp)
+            finished[i] = bool(step.done[i])
+            if streams is not None and not finished[i]:
+                streams[i].push(t)
+                if streams[i].stopped:
+                    new_tokens[i] = new_tokens[i][: streams[i].tokens_before_stop]
+                    new_logprobs[i] = new_logprobs[i][: streams[i].tokens_before_stop]
+                    finished[i] = True
+        if all(finished):
             break
-        logits, _ = model(tok[:, None], cache=cache, last_only=True)
-    model.train(was_training)
-    return torch.cat(out, dim=1)
+    width = max(len(t) for t in new_tokens)
+    L = max(len(p) for p in rows)
+    out = torch.full((len(rows), L + width), pad, dtype=torch.long)
+    lps = torch.zeros((len(rows), width))
+    for i, (p, t) in enumerate(zip(rows, new_tokens, strict=True)):
+        out[i, L - len(p) : L] = torch.tensor(p)
+        out[i, L : L + len(t)] = torch.tensor(t, dtype=torch.long)
+        lps[i, : len(t)] = torch.tensor(new_logprobs[i])
+    out = out.to(model.transformer.wte.weight.device)
+    return (out, lps) if output_logprobs else out
 
 
-def run_generate(args: Any) -> int:
+def _prompts_from(input_ids: Any, attention_mask: torch.Tensor | None) -> list[list[int]]:
+    if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list):
+        return [list(map(int, p)) for p in input_ids]  # ragged lists: already one list per prompt
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.dim() != 2 or ids.size(1) == 0:
+        raise ValueError(f"input_ids must be (batch, length>=1), got shape {tuple(ids.shape)}")
+    if attention_mask is None:
+        return ids.tolist()
+    mask = torch.as_tensor(attention_mask, dtype=torch.bool).reshape(ids.shape)
+    return [row[m].tolist() for row, m in zip(ids, mask, strict=True)]
+
+
+# ----- text: incremental decoding and stop strings ----------------------------------------------------------
+@dataclass
+class TextStream:
+    """Turns generated token ids into text chunks that are safe to show.
+
+    A chunk never ends inside a UTF-8 character (the tokenizer's replacement character means the bytes of
+    a character are split across tokens), and text that could be the start of a stop string is held back
+    until it is known not to be one, so a stop string is never emitted, even split across tokens.
+    """
+
+    tokenizer: Any
+    stop_strings: list[str] | None = None
+    ids: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of the decoded text already returned
+    stopped: bool = False
+    tokens_before_stop: int = 0  # tokens wholly before the stop string
+    _lengths: list[int] = field(default_factory=list)  # decoded length after each token
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._lengths.append(len(text))
+        for s in self.stop_strings or []:
+            at = text.find(s, max(0, self.emitted - len(s) + 1))
+            if at >= 0:
+                self.stopped = True
+                self.tokens_before_stop = sum(1 for n in self._lengths if n <= at)
+                chunk, self.emitted = text[self.emitted : at], at
+                return chunk
+        end = len(text)
+        while end > self.emitted and text[end - 1] == "\ufffd":  # an incomplete UTF-8 character
+            end -= 1
+        end -= self._held_back(text[self.emitted : end])
+        chunk, self.emitted = text[self.emitted : end], max(self.emitted, end)
+        return chunk
+
+    def _held_back(self, pending: str) -> int:
+        """Length of the longest suffix of `pending` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop_strings or []:
+            for n in range(min(len(s) - 1, len(pending)), best, -1):
+                if pending.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def finish(self) -> str:
+        """The held-back rest once generation has ended without a stop string."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        chunk, self.emitted = text[self.emitted :], len(text)
+        return chunk
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (eos token or stop string) or "length"
+
+
+def stream_text(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    stop_strings: list[str] | None = None,
+    stats: dict[str, int] | None = None,
+    **kwargs: Any,
+) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text while it is generated (one sequence).
+
+    Parameters are checked at once (ValueError), not when the first chunk is asked for. `stats`, when
+    given, receives the number of generated tokens under "tokens".
+    """
+    kwargs.setdefault("eos_token_id", tokenizer.eot_id)
+    cfg = _split_kwargs(kwargs)
+    if cfg.num_return_sequences != 1:
+        raise ValueError("stream_text streams one sequence; use generate_text for num_return_sequences > 1")
+    steps = decode(model, [_encode_prompt(tokenizer, prompt)], cfg)
+    return _stream_chunks(steps, TextStream(tokenizer, stop_strings), stats if stats is not None else {})
+
+
+def _stream_chunks(steps: Iterator[Step], stream: TextStream, stats: dict[str, int]) -> Iterator[str]:
+    stats["tokens"] = 0
+    for step in steps:
+        if bool(step.done[0]):
+            break
+        stats["tokens"] += 1
+        chunk = stream.push(int(step.tokens[0]))
+        if chunk:
+            yield chunk
+        if stream.stopped:
+            return
+    rest = stream.finish()
+    if rest:
+        yield rest
+
+
+def generate_text(
+    model: GPT, tokenizer: Tokenizer, prompts: str | list[str], *, stop_strings: list[str] | None = None, **kwargs: Any
+) -> list[Completion]:
+    """Continuations of each prompt (num_return_sequences each, in prompt order), stop strings removed."""
+    kwargs.setdefault("eos_token_id", tokenizer.eot_id)
+    cfg = _split_kwargs(kwargs)
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    n = len(prompts) * cfg.num_return_sequences
+    streams = [TextStream(tokenizer, stop_strings) for _ in range(n)]
+    texts, reasons = [""] * n, ["length"] * n
+    ids: list[list[int]] = [[] for _ in range(n)]
+    lps: list[list[float]] = [[] for _ in range(n)]
+    active = [True] * n
+    for step in decode(model, [_encode_prompt(tokenizer, p) for p in prompts], cfg):
+        for i in range(n):
+            if not active[i]:
+                continue
+            if bool(step.done[i]):
+                active[i], reasons[i] = False, "stop"
+                continue
+            t = int(step.tokens[i])
+            ids[i].append(t)
+            lps[i].append(float(step.logprobs[i]))
+            texts[i] += streams[i].push(t)
+            if streams[i].stopped:
+                active[i], reasons[i] = False, "stop"
+                ids[i] = ids[i][: streams[i].tokens_before_stop]
+                lps[i] = lps[i][: streams[i].tokens_before_stop]
+        if not any(active):
+            break
+    return [Completion(texts[i] + streams[i].finish(), ids[i], lps[i], reasons[i]) for i in range(n)]
+
+
+def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    return tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+
+
+# ----- the command ------------------------------------------------------------------------------------------
+def cast_for_inference(model: GPT, dtype: str = "auto") -> GPT:
+    """Weights for decoding: fp32, bf16, or int8 weight-only (see compress/quantize.py).
+
+    auto picks bf16 where bf16 is native (GPUs with bf16, CPUs with AVX512-BF16/AMX), else fp32.
+    """
+    from bigmodel import hardware
+
+    if dtype == "auto":
+        device = model.transformer.wte.weight.device
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else hardware.cpu_has_bf16()
+        dtype = "bf16" if native else "fp32"
+    if dtype == "fp32":
+        return model.float()
+    if dtype == "bf16":
+        return model.to(torch.bfloat16)
+    if dtype == "int8":
+        from bigmodel.compress.quantize import quantize_int8
+
+        return quantize_int8(model)
+    raise ValueError(f"dtype {dtype!r} is not one of auto, fp32, bf16, int8")
+
+
+def load_for_inference(model_path: str, dtype: str = "auto") -> tuple[GPT, Tokenizer]:
+    """Model (in the requested dtype) and its tokenizer from a model or run directory."""
     from bigmodel.data.tokenizer import Tokenizer
     from bigmodel.evaluation import resolve_model_dir
 
-    model_dir = resolve_model_dir(args.model)
+    model_dir = resolve_model_dir(model_path)
     model = GPT.from_pretrained(model_dir)
-    if not (model_dir / "tokenizer.json").is_file():
+    if not ((model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file()):
         raise UserError(f"{model_dir} has no tokenizer.json; generate needs the model's tokenizer beside it")
-    tok = Tokenizer.from_pretrained(model_dir)
-    prompt_ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
-    t0 = time.perf_counter()
-    out = generate(
-        model,
-        [prompt_ids],
+    return cast_for_inference(model, dtype), Tokenizer.from_pretrained(model_dir)
+
+
+def run_generate(args: Any) -> int:
+    model, tok = load_for_inference(args.model, args.dtype)
+    params = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=not args.greedy,
         temperature=args.temperature,
         top_k=args.top_k or None,
         top_p=args.top_p,
-        num_return_sequences=args.num_samples,
-        eos_token_id=tok.eot_id,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-    seconds = time.perf_counter() - t0
-    new_tokens = 0
-    for i, row in enumerate(out.tolist()):
-        gen = row[len(prompt_ids) :]
-        if tok.eot_id in gen:
-            gen = gen[: gen.index(tok.eot_id)]
-        new_tokens += len(gen)
-        if i:
-            sys.stdout.write("\n" + "-" * 40 + "\n")
-        sys.stdout.write(args.prompt + tok.decode(gen, skip_special_tokens=True) + "\n")
+    t0 = time.perf_counter()
+    produced = 0
+    if args.num_samples == 1:  # stream: text appears as it is generated
+        stats: dict[str, int] = {}
+        chunks = stream_text(model, tok, args.prompt, stop_strings=args.stop, stats=stats, **params)
+        sys.stdout.write(args.prompt)
+        for chunk in chunks:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        produced = stats["tokens"]
+    else:
+        results = generate_text(
+            model, tok, args.prompt, stop_strings=args.stop, num_return_sequences=args.num_samples, **params
+        )
+        for i, r in enumerate(results):
+            if i:
+                sys.stdout.write("\n" + "-" * 40 + "\n")
+            sys.stdout.write(args.prompt + r.text + "\n")
+            produced += len(r.token_ids)
     sys.stdout.flush()
-    print(
-        f"generated {new_tokens} tokens in {seconds:.2f}s ({new_tokens / seconds:.1f} tokens/s)",
-        file=sys.stderr,
-    )
+    seconds = time.perf_counter() - t0
+    print(f"generated {produced} tokens in {seconds:.2f}s ({produced / seconds:.1f} tokens/s)", file=sys.stderr)
     return 0

@@ -163,7 +163,7 @@ def test_pickle_weights_are_refused(tmp_path: Path) -> None:
     tiny_gpt(V).save_pretrained(model_dir)
     (model_dir / "model.safetensors").unlink()
     (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps(_Boom(marker)))
-    with pytest.raises(UserError, match=r"has no model\.safetensors\. It has pytorch_model\.bin.*safetensors"):
+    with pytest.raises(UserError, match=r"has no model\.safetensors\. It has pytorch_model\.bin.*--allow-pickle"):
         GPT.from_pretrained(model_dir)
     assert not marker.exists()
 
@@ -173,6 +173,10 @@ def test_load_errors(tmp_path: Path) -> None:
         GPT.from_pretrained(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
+    with pytest.raises(UserError, match="has no config.json"):
+        GPT.from_pretrained(empty)
+    tiny_gpt(V).save_pretrained(empty)
+    (empty / "model.safetensors").unlink()
     with pytest.raises(UserError, match=r"has no model\.safetensors\.$"):
         GPT.from_pretrained(empty)
 

@@ -76,9 +76,20 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        """Load tokenizer.json from a model directory, a run's final/, or a data directory."""
+        """Load a model directory's (or a data directory's) tokenizer: tokenizer.json, else GPT-2's
+        vocab.json + merges.txt."""
         path = Path(path)
-        return cls.from_file(path / "tokenizer.json" if path.is_dir() else path)
+        if not path.is_dir() or (path / "tokenizer.json").is_file():
+            return cls.from_file(path / "tokenizer.json" if path.is_dir() else path)
+        vocab, merges = path / "vocab.json", path / "merges.txt"
+        if not (vocab.is_file() and merges.is_file()):
+            raise UserError(f"{path} has no tokenizer.json (nor vocab.json + merges.txt)")
+        try:
+            tok = _byte_level(models.BPE.from_file(str(vocab), str(merges)))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise UserError(f"{vocab} / {merges} are not a valid byte-level BPE: {e}") from e
+        tok.add_special_tokens([EOT])  # GPT-2's vocab.json has it as a plain entry: mark it special
+        return cls(tok, "bpe")
 
     # ----- use ----------------------------------------------------------------------------------------
     @property

@@ -53,8 +53,10 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -105,8 +107,14 @@ class GPT(nn.Module):
         *,
         cache: KVCache | None = None,
         last_only: bool = False,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only) and the mean loss."""
+        """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only) and the mean loss.
+
+        For batches of padded prompts the generation engine passes `position_ids` (B, T) and a boolean
+        `attn_mask` (B, 1, T, cached + T) saying which keys each query may see; otherwise attention is causal.
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -114,11 +122,12 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens is longer than the context window "
                 f"(block_size={self.config.block_size})"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         t = self.transformer
-        x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, T, C)
+        x = t.drop(t.wte(idx) + t.wpe(position_ids))  # (B, T, C)
         for i, block in enumerate(t.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, attn_mask)
         if cache is not None:
             cache.advance(T)
         x = t.ln_f(x)
@@ -149,11 +158,14 @@ class GPT(nn.Module):
         return generate(self, input_ids, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> GPT:
-        """Load a model directory (ours or one saved by transformers' GPT2LMHeadModel)."""
+    def from_pretrained(cls, path: str | Path, *, allow_pickle: bool = False) -> GPT:
+        """Load a model directory (ours or one saved by transformers' GPT2LMHeadModel, sharded or not).
+
+        A pytorch_model.bin is read (with torch.load(weights_only=True)) only when allow_pickle is True.
+        """
         from bigmodel.models.hf import load_gpt
 
-        return load_gpt(path)
+        return load_gpt(path, allow_pickle)
 
     def save_pretrained(self, path: str | Path, tokenizer: Tokenizer | None = None) -> None:
         """Write config.json, model.safetensors, generation_config.json (and the tokenizer when given)."""

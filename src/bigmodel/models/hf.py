@@ -109,25 +109,49 @@ def save_gpt(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -
         tokenizer.save_pretrained(path, model_max_length=model.config.block_size)
 
 
-def load_gpt(path: str | Path) -> GPT:
+def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory: model.safetensors, sharded safetensors with an index, or (only with
+    allow_pickle) pytorch_model.bin read by torch.load(weights_only=True)."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index} is not a safetensors index (no weight_map): {e}") from e
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"{index} names shard {f.name}, which is missing")
+    else:
+        unsafe = [path / n for n in UNSAFE_WEIGHTS if (path / n).is_file()]
+        if unsafe and allow_pickle:
+            state = torch.load(unsafe[0], map_location="cpu", weights_only=True)
+            return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        hint = (
+            f" It has {unsafe[0].name}, a pickle file that bigmodel does not load by default: convert it with "
+            f"`bigmodel import {path} --out DIR --allow-pickle` (read with torch.load(weights_only=True)), or "
+            "with transformers' save_pretrained(dir, safe_serialization=True)."
+            if unsafe
+            else ""
+        )
+        raise UserError(f"{path} has no model.safetensors.{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            tensors.update({k: sf.get_tensor(k) for k in sf.keys()})  # noqa: SIM118 - safe_open has no __iter__
+    return tensors
+
+
+def load_gpt(path: str | Path, allow_pickle: bool = False) -> GPT:
+    """Build a GPT from a Hugging Face GPT-2 directory (ours, or one transformers saved)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(
             f"model directory {path} does not exist; pass a directory written by `bigmodel train` "
             "(RUN/final) or by transformers' save_pretrained"
         )
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        unsafe = [n for n in UNSAFE_WEIGHTS if (path / n).exists()]
-        hint = (
-            (
-                f" It has {unsafe[0]}, a pickle file that bigmodel never loads: convert it to safetensors "
-                "with transformers (save_pretrained(dir, safe_serialization=True))."
-            )
-            if unsafe
-            else ""
-        )
-        raise UserError(f"{path} has no model.safetensors.{hint}")
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError as e:
@@ -135,9 +159,8 @@ def load_gpt(path: str | Path) -> GPT:
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from e
     config = gpt_config_from_hf(cfg, path / "config.json")
+    tensors = read_weights(path, allow_pickle)
     model = GPT(config)
-    with safe_open(weights, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     own = model.state_dict()
     sd: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -149,16 +172,16 @@ def load_gpt(path: str | Path) -> GPT:
         if name not in own:
             if name.endswith(".bias") and not config.bias:
                 continue
-            raise UserError(f"{weights}: unexpected tensor {key!r}; this is not a GPT-2 layout")
+            raise UserError(f"{path}: unexpected tensor {key!r}; this is not a GPT-2 layout")
         sd[name] = tensor.to(own[name].dtype)
     sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight", torch.empty(0)))
     missing = sorted(set(own) - set(sd))
     if missing:
-        raise UserError(f"{weights} lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+        raise UserError(f"{path} lacks {len(missing)} tensors, e.g. {missing[0]!r}")
     for name, tensor in sd.items():
         if tensor.shape != own[name].shape:
             raise UserError(
-                f"{weights}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(own[name].shape)}"
+                f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(own[name].shape)}"
             )
     model.load_state_dict(sd)
     return model.eval()

@@ -60,7 +60,10 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, C); attn_mask, when given, is a boolean (B, 1, T, cached + T) mask of visible keys."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
@@ -73,7 +76,9 @@ class CausalSelfAttention(nn.Module):
         else:
             start = cache.pos
             k, v = cache.update(layer, k, v)  # (B, nh, start+T, hd)
-            if T == 1:  # one new token attends to everything before it
+            if attn_mask is not None:  # padded batch: the engine says which keys each query sees
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            elif T == 1:  # one new token attends to everything before it
                 y = F.scaled_dot_product_attention(q, k, v)
             else:  # several new tokens: causal among themselves, full view of the cached prefix
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)

@@ -1,0 +1,115 @@
+"""Decoding speed: bigmodel's generation engine against transformers' `generate`, one process.
+
+A GPT-2-124M-shaped model with random weights (seeded); the same weights are loaded into transformers'
+GPT2LMHeadModel. Greedy decoding of 128 new tokens after a 32-token prompt, at batch 1 and batch 8:
+transformers (fp32), bigmodel fp32, bf16 and int8 weight-only. Prints tokens/s (new tokens, prefill
+included, best of --repeats), the ratio to transformers, and the fraction of the memory-bandwidth limit
+(weight bytes read per decoding step against the machine's measured read bandwidth).
+
+    python benchmarks/generate_speed.py [--new 128] [--repeats 2] [--batches 1 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from bigmodel.config import GPTConfig
+from bigmodel.generation import cast_for_inference
+from bigmodel.models.gpt import GPT
+from bigmodel.models.hf import to_hf_state_dict
+
+CFG = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+PROMPT = 32
+
+
+def read_bandwidth(mb: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a streaming read (sum over a buffer larger than the caches), best of `repeats`."""
+    buf = torch.ones(mb * 1024 * 1024 // 4)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = max(best, buf.numel() * 4 / (time.perf_counter() - t0))
+    return best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes read per decoding step: every weight except the embeddings' lookups (wpe always; wte too when
+    the output head has its own int8 copy, else wte is read in full as the tied output head)."""
+    named = dict(model.named_parameters())  # tied weights appear once
+    named.update(dict(model.named_buffers()))
+    untied = "lm_head.weight_int8" in named
+    return sum(
+        t.numel() * t.element_size()
+        for name, t in named.items()
+        if "wpe" not in name and not (untied and "wte" in name)
+    )
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    args = ap.parse_args()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    ours = GPT(CFG).eval()
+    hf_cfg = GPT2Config(
+        vocab_size=CFG.vocab_size, n_positions=CFG.block_size, n_embd=CFG.n_embd, n_layer=CFG.n_layer, n_head=CFG.n_head
+    )
+    hf = GPT2LMHeadModel(hf_cfg).eval()
+    hf.load_state_dict(to_hf_state_dict(ours), strict=False)
+    hf.tie_weights()
+    variants = {
+        "bigmodel fp32": ours,
+        "bigmodel bf16": cast_for_inference(copy.deepcopy(ours), "bf16"),
+        "bigmodel int8": cast_for_inference(copy.deepcopy(ours), "int8"),
+    }
+    bw = read_bandwidth()
+    print(
+        f"GPT-2 124M shape, random weights; prompt {PROMPT} tokens, {args.new} new tokens, greedy; "
+        f"{torch.get_num_threads()} threads; measured read bandwidth {bw / 1e9:.1f} GB/s"
+    )
+
+    for batch in args.batches:
+        ids = torch.randint(0, CFG.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+        hf_kwargs = dict(
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=args.new,
+            min_new_tokens=args.new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        with torch.no_grad():
+            ref = hf.generate(ids, **hf_kwargs)
+        same = torch.equal(ours.generate(ids, max_new_tokens=args.new), ref)
+        rows = {"transformers fp32": timed(lambda x=ids, kw=hf_kwargs: hf.generate(x, **kw), args.repeats)}
+        for name, model in variants.items():
+            rows[name] = timed(lambda m=model, x=ids: m.generate(x, max_new_tokens=args.new), args.repeats)
+        base = batch * args.new / rows["transformers fp32"]
+        print(f"\nbatch {batch} (greedy tokens identical to transformers in fp32: {same})")
+        print(f"{'':20s} {'tokens/s':>9s} {'ratio':>7s} {'of bandwidth limit':>19s}")
+        for name, sec in rows.items():
+            tps = batch * args.new / sec
+            model = hf if name.startswith("transformers") else variants[name]
+            limit = bw / weight_bytes(model) * batch  # steps/s the weight reads allow, times rows per step
+            print(f"{name:20s} {tps:9.1f} {tps / base:6.2f}x {tps / limit:18.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Making models smaller and faster: quantization (pruning and distillation follow)."""
