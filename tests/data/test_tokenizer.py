@@ -124,3 +124,54 @@ def test_from_file_errors(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(UserError, match="not a valid tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+# ----- GPT-2's vocab.json + merges.txt ----------------------------------------------------------------------
+def _vocab_merges_texts(corpus_dir: Path) -> list[str]:
+    doc = (corpus_dir / "doc02.txt").read_text(encoding="utf-8")
+    return [doc[:600], doc[-300:], f"end{EOT}start", f"two {EOT}{EOT} eots", *UNICODE_SAMPLES]
+
+
+def _write_gpt2_layout(bpe: Tokenizer, folder: Path) -> None:
+    """vocab.json + merges.txt as GPT-2 ships them: end-of-text a plain vocab entry, with the last id."""
+    bpe.tok.model.save(str(folder))
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    order = sorted((t for t in vocab if t != EOT), key=vocab.__getitem__)
+    (folder / "vocab.json").write_text(json.dumps({**{t: i for i, t in enumerate(order)}, EOT: len(order)}))
+
+
+@pytest.mark.parametrize("layout", ["ours", "gpt2"])
+def test_vocab_and_merges_encode_like_tokenizer_json_and_transformers(
+    bpe: Tokenizer, corpus_dir: Path, tmp_path: Path, layout: str
+) -> None:
+    from transformers import GPT2Tokenizer
+
+    if layout == "ours":
+        written = bpe.tok.model.save(str(tmp_path))  # HF tokenizers writes GPT-2's two files
+        assert sorted(Path(p).name for p in written) == ["merges.txt", "vocab.json"]
+    else:
+        _write_gpt2_layout(bpe, tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists()
+    ours = Tokenizer.from_pretrained(tmp_path)
+    theirs = GPT2Tokenizer.from_pretrained(tmp_path)
+    assert ours.vocab_size == bpe.vocab_size == len(theirs)
+    assert ours.eot_id == theirs.eos_token_id == (0 if layout == "ours" else bpe.vocab_size - 1)
+    # the same merges under other ids: map bpe's ids to this vocabulary's through the token strings
+    to_here = {i: ours.tok.token_to_id(bpe.tok.id_to_token(i)) for i in range(bpe.vocab_size)}
+    for text in _vocab_merges_texts(corpus_dir):
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text, add_special_tokens=False), text
+        assert ids == [to_here[i] for i in bpe.encode(text)], text
+        assert ours.decode(ids) == text
+    assert ours.encode(f"a{EOT}b").count(ours.eot_id) == 1  # the literal end-of-text text is the special token
+    assert ours.decode(ours.encode(f"a{EOT}b"), skip_special_tokens=True) == "ab"
+
+
+def test_vocab_without_merges_is_an_error(bpe: Tokenizer, tmp_path: Path) -> None:
+    bpe.tok.model.save(str(tmp_path))
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(UserError, match=r"has no tokenizer.json \(nor vocab.json \+ merges.txt\)"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nnot-a-token anotherone\n")
+    with pytest.raises(UserError, match="not a valid byte-level BPE"):
+        Tokenizer.from_pretrained(tmp_path)
