@@ -215,3 +215,98 @@ def test_end_to_end_via_subprocess(tmp_path: Path) -> None:
     assert p.returncode == 2
     assert p.stderr.startswith("bigmodel train: error: ") and len(p.stderr.strip().splitlines()) == 1
     assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+# ----- generate: stop strings, repetition penalty, min-p, int8, several samples ------------------------------------
+PROMPT = "ab"
+
+
+@pytest.fixture(scope="module")
+def varied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level model whose greedy continuation of PROMPT varies (ASCII runs and other bytes)."""
+    path = tmp_path_factory.mktemp("varied")
+    tiny_gpt(257, block_size=64, scale=3.0, pos_scale=10.0, seed=3).save_pretrained(path, Tokenizer.char())
+    return path
+
+
+def _generate(capsys: pytest.CaptureFixture[str], model: Path, *args: str) -> str:
+    capsys.readouterr()
+    assert main(["generate", str(model), "--prompt", PROMPT, "--max-new-tokens", "40", *args]) == 0
+    captured = capsys.readouterr()
+    assert "tokens/s" in captured.err
+    return captured.out
+
+
+def _api_text(model_dir: Path, dtype: str = "fp32", **kwargs: object) -> str:
+    from bigmodel.generation import generate_text, load_for_inference
+
+    model, tok = load_for_inference(str(model_dir), dtype)
+    return generate_text(model, tok, PROMPT, max_new_tokens=40, **kwargs)[0].text
+
+
+def test_generate_stop_text_is_not_printed(varied_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    full = _generate(capsys, varied_model_dir, "--greedy", "--dtype", "fp32")
+    assert full.startswith(PROMPT) and full.endswith("\n")
+    text = full[len(PROMPT) : -1]
+    assert text == _api_text(varied_model_dir)
+    k = next(k for k in range(3, len(text) - 3) if all(32 <= ord(c) < 127 for c in text[k : k + 3]))
+    stop = text[k : k + 3]
+    prefix = text[: text.index(stop)]
+    out = _generate(capsys, varied_model_dir, "--greedy", "--dtype", "fp32", "--stop", "\x00zz", "--stop", stop)
+    assert out == PROMPT + prefix + "\n" and stop not in out[len(PROMPT) :]
+
+    out = _generate(capsys, varied_model_dir, "--greedy", "--dtype", "fp32", "--stop", stop, "--num-samples", "2")
+    samples = out.split("\n" + "-" * 40 + "\n")
+    assert samples == [PROMPT + prefix + "\n"] * 2
+
+
+def test_generate_repetition_penalty_and_min_p(varied_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    greedy = _generate(capsys, varied_model_dir, "--greedy", "--dtype", "fp32")
+    penalised = _generate(capsys, varied_model_dir, "--greedy", "--dtype", "fp32", "--repetition-penalty", "3")
+    assert penalised == PROMPT + _api_text(varied_model_dir, repetition_penalty=3.0) + "\n"
+    assert penalised != greedy
+
+    sample = ["--dtype", "fp32", "--seed", "1", "--temperature", "1.5", "--top-k", "0"]
+    assert _generate(capsys, varied_model_dir, *sample) != greedy
+    assert _generate(capsys, varied_model_dir, *sample, "--min-p", "1.0") == greedy  # only the top token is left
+
+
+def test_generate_with_int8_weights(
+    varied_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bigmodel.compress import quantize
+
+    quantized: list[object] = []
+    real = quantize.quantize_int8
+    monkeypatch.setattr(quantize, "quantize_int8", lambda m: quantized.append(m) or real(m))
+    out = _generate(capsys, varied_model_dir, "--greedy", "--dtype", "int8")
+    assert len(quantized) == 1  # the weights really were quantized
+    assert out == PROMPT + _api_text(varied_model_dir, "int8") + "\n"
+    assert len(out) > len(PROMPT) + 10
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--min-p", "1.5"], r"min_p=1.5 must be in \[0, 1\]"),
+        (["--min-p", "-0.5"], r"min_p=-0.5 must be in \[0, 1\]"),
+        (["--repetition-penalty", "0"], "repetition_penalty=0.0 must be > 0"),
+        (["--top-p", "0"], r"top_p=0.0 must be in \(0, 1\]"),
+        (["--num-samples", "2", "--max-new-tokens", "70"], "context window of 64 tokens"),
+    ],
+)
+def test_generate_bad_values_exit_2(
+    varied_model_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str
+) -> None:
+    import re
+
+    argv = ["generate", str(varied_model_dir), "--prompt", PROMPT, "--max-new-tokens", "8", *args]
+    msg = _user_error(argv, capsys, "generate")
+    assert re.search(match, msg), msg
+
+
+def test_generate_bad_dtype_is_an_argparse_error(varied_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["generate", str(varied_model_dir), "--dtype", "int4"])
+    assert info.value.code == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

@@ -109,6 +109,31 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="weights: auto (bf16 where native, else fp32)")
 
+    x = sub.add_parser(
+        "export",
+        help="write a model as a Hugging Face model directory",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel export runs/s1 --format hf --out exported/s1",
+    )
+    x.add_argument("model", metavar="MODEL_OR_RUN", help="model directory, run directory or checkpoint")
+    x.add_argument("--format", default="hf", choices=["hf"], help="hf: config.json + model.safetensors + tokenizer")
+    x.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
+
+    m = sub.add_parser(
+        "import",
+        help="convert a Hugging Face GPT-2 directory into a bigmodel model directory",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel import ~/models/gpt2 --out models/gpt2\n"
+        "  bigmodel import old-gpt2/ --out models/gpt2 --allow-pickle   # a pytorch_model.bin",
+    )
+    m.add_argument("source", help="folder with config.json and (sharded) safetensors, or pytorch_model.bin")
+    m.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
+    m.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pytorch_model.bin with torch.load(weights_only=True); never needed for safetensors",
+    )
+
     d = sub.add_parser(
         "demo",
         help="prepare -> train -> eval -> generate on built-in Shakespeare",
@@ -139,6 +164,10 @@ def _runner(verb: str) -> Callable[[Any], int]:
         from bigmodel.generation import run_generate
 
         return run_generate
+    if verb in ("export", "import"):
+        from bigmodel.convert import run_export, run_import
+
+        return run_export if verb == "export" else run_import
     if verb in ("export", "import"):
         from bigmodel.convert import run_export, run_import
 

@@ -286,13 +286,13 @@ class TextStream:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         self._lengths.append(len(text))
-        for s in self.stop_strings or []:
-            at = text.find(s, max(0, self.emitted - len(s) + 1))
-            if at >= 0:
-                self.stopped = True
-                self.tokens_before_stop = sum(1 for n in self._lengths if n <= at)
-                chunk, self.emitted = text[self.emitted : at], at
-                return chunk
+        found = [at for s in self.stop_strings or [] if (at := text.find(s, max(0, self.emitted - len(s) + 1))) >= 0]
+        if found:  # cut at the earliest stop string, whichever it is
+            at = min(found)
+            self.stopped = True
+            self.tokens_before_stop = sum(1 for n in self._lengths if n <= at)
+            chunk, self.emitted = text[self.emitted : at], at
+            return chunk
         end = len(text)
         while end > self.emitted and text[end - 1] == "\ufffd":  # an incomplete UTF-8 character
             end -= 1

@@ -198,3 +198,155 @@ def test_load_errors(tmp_path: Path) -> None:
     (d / "config.json").unlink()
     with pytest.raises(UserError, match="has no config.json"):
         GPT.from_pretrained(d)
+
+
+# ----- directories transformers wrote: sharded safetensors, several shapes, GPT-2's own -------------------------
+HF_SHAPES: dict[str, dict[str, int]] = {
+    "2x32-4heads": dict(vocab_size=96, n_positions=40, n_embd=32, n_layer=2, n_head=4),
+    "3x48-6heads-odd-vocab": dict(vocab_size=301, n_positions=64, n_embd=48, n_layer=3, n_head=6),
+    "1x36-3heads": dict(vocab_size=257, n_positions=24, n_embd=36, n_layer=1, n_head=3),
+}
+GPT2_SHAPE = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)  # GPT-2 small
+
+
+def _hf_saved(path: Path, shape: dict[str, int], *, seed: int, spread: float, shard: str | None) -> Any:
+    """A random transformers GPT-2 of `shape` (every parameter perturbed), saved by transformers itself."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    eos = shape["vocab_size"] - 1
+    config = GPT2Config(**shape, bos_token_id=eos, eos_token_id=eos)
+    with torch.device("meta"):  # skip transformers' init: every tensor is filled below
+        hf = GPT2LMHeadModel(config)
+    hf = hf.to_empty(device="cpu").eval()
+    hf.lm_head.weight = hf.transformer.wte.weight  # to_empty allocates each parameter anew: tie again
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * spread)
+            else:  # biases and LayerNorms, randomised so a dropped or misplaced one shows
+                one = 1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + one)
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    if shard is None:
+        hf.save_pretrained(path)
+    else:
+        hf.save_pretrained(path, max_shard_size=shard)
+    return hf
+
+
+def _check_sharded(path: Path) -> None:
+    assert not (path / "model.safetensors").exists()
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((path / s).is_file() for s in shards)
+
+
+@pytest.mark.parametrize("shape", HF_SHAPES.values(), ids=HF_SHAPES.keys())
+def test_we_load_sharded_transformers_directories(tmp_path: Path, shape: dict[str, int]) -> None:
+    hf = _hf_saved(tmp_path, shape, seed=5, spread=0.3, shard="20KB")
+    _check_sharded(tmp_path)
+    ours = GPT.from_pretrained(tmp_path)
+    c = ours.config
+    assert (c.vocab_size, c.block_size, c.n_embd, c.n_layer, c.n_head) == tuple(
+        shape[k] for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+    )
+    idx = torch.randint(0, shape["vocab_size"], (2, shape["n_positions"]), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got, _ = ours(idx)
+    assert expected.abs().max() > 1.0
+    torch.testing.assert_close(got, expected, **ATOL)
+    prompt = idx[:, :5]
+    n = min(20, shape["n_positions"] - 5)
+    got_ids = ours.generate(prompt, max_new_tokens=n)
+    assert got_ids.tolist() == _hf_greedy(hf, prompt, n, None).tolist()
+    assert len(set(got_ids[:, 5:].flatten().tolist())) > 3
+
+
+def test_gpt2_small_shape_logits_and_greedy_match_transformers(tmp_path: Path) -> None:
+    """GPT-2's real shape (124M parameters, 50257 tokens, 1024 positions), sharded as the Hub ships it."""
+    hf = _hf_saved(tmp_path, GPT2_SHAPE, seed=0, spread=0.02, shard="200MB")
+    _check_sharded(tmp_path)
+    ours = GPT.from_pretrained(tmp_path)
+    assert ours.num_params(non_embedding=False) == 124_439_808  # GPT-2 small, "124M"
+    assert ours.num_params() == 123_653_376  # without position embeddings: nanoGPT's "123.65M"
+    idx = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got, _ = ours(idx)
+    torch.testing.assert_close(got, expected, **ATOL)
+    assert ours.generate(idx, max_new_tokens=6).tolist() == _hf_greedy(hf, idx, 6, None).tolist()
+    for shard in tmp_path.glob("*.safetensors"):  # 500 MB: do not leave it in pytest's kept temp dirs
+        shard.unlink()
+
+
+# ----- pytorch_model.bin: refused by default, read with weights_only=True when allowed ---------------------------
+def _bin_dir(path: Path) -> Any:
+    hf = _hf_saved(path / "src", HF_SHAPES["2x32-4heads"], seed=3, spread=0.3, shard=None)
+    bin_dir = path / "bin"
+    bin_dir.mkdir()
+    hf.config.save_pretrained(bin_dir)
+    torch.save(hf.state_dict(), bin_dir / "pytorch_model.bin")  # lm_head.weight included, as transformers did
+    return hf, bin_dir
+
+
+def test_pytorch_model_bin_needs_allow_pickle(tmp_path: Path) -> None:
+    hf, bin_dir = _bin_dir(tmp_path)
+    with pytest.raises(UserError, match=r"pytorch_model\.bin.*--allow-pickle"):
+        GPT.from_pretrained(bin_dir)
+    ours = GPT.from_pretrained(bin_dir, allow_pickle=True)
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+    idx = _ids(2, 40, seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, **ATOL)
+
+
+def _malicious_bins(model_dir: Path, marker: Path) -> list[bytes]:
+    """A torch.save zip holding a tensor next to a code-running object, and a bare pickle of one."""
+    torch.save({"transformer.wte.weight": torch.zeros(V, 32), "evil": _Boom(marker)}, model_dir / "pytorch_model.bin")
+    return [(model_dir / "pytorch_model.bin").read_bytes(), pickle.dumps(_Boom(marker))]
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_malicious_pickle_is_not_executed_even_with_allow_pickle(tmp_path: Path) -> None:
+    model_dir, marker = tmp_path / "model", tmp_path / "UNPICKLED"
+    model_dir.mkdir()
+    tiny_gpt(V).save_pretrained(model_dir)
+    (model_dir / "model.safetensors").unlink()
+    for payload in _malicious_bins(model_dir, marker):
+        (model_dir / "pytorch_model.bin").write_bytes(payload)
+        with pytest.raises(Exception):  # noqa: B017 - any error, as long as nothing ran
+            GPT.from_pretrained(model_dir, allow_pickle=True)
+        assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_unloadable_pickle_with_allow_pickle_is_a_user_error(tmp_path: Path) -> None:
+    model_dir, marker = tmp_path / "model", tmp_path / "UNPICKLED"
+    model_dir.mkdir()
+    tiny_gpt(V).save_pretrained(model_dir)
+    (model_dir / "model.safetensors").unlink()
+    _malicious_bins(model_dir, marker)
+    with pytest.raises(UserError, match=r"pytorch_model\.bin"):
+        GPT.from_pretrained(model_dir, allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_untied_output_head_is_loaded_or_refused(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=V, n_positions=40, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=False)
+    hf = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.add_(torch.randn_like(hf.lm_head.weight))
+    assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
+    hf.save_pretrained(tmp_path)
+    try:
+        ours = GPT.from_pretrained(tmp_path)
+    except UserError:
+        return  # refusing with a message is fine; a wrong model is not
+    idx = _ids(2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, **ATOL)

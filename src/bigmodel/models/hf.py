@@ -9,6 +9,7 @@ same function.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,10 @@ def gpt_config_from_hf(cfg: dict[str, Any], where: Path) -> GPTConfig:
     act = cfg.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{where}: activation_function {act!r} is not supported (GPT-2 uses 'gelu_new')")
+    if cfg.get("tie_word_embeddings", True) is False:
+        raise UserError(
+            f"{where}: tie_word_embeddings=false (a separate output head) is not supported; GPT-2 ties them"
+        )
     if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]):
         raise UserError(f"{where}: n_inner={cfg['n_inner']} is not supported (only 4 * n_embd)")
     if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False):
@@ -127,7 +132,13 @@ def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
     else:
         unsafe = [path / n for n in UNSAFE_WEIGHTS if (path / n).is_file()]
         if unsafe and allow_pickle:
-            state = torch.load(unsafe[0], map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(unsafe[0], map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+                raise UserError(
+                    f"{unsafe[0]} could not be read with torch.load(weights_only=True), which refuses anything "
+                    f"but tensors: {str(e).splitlines()[0]}"
+                ) from e
             return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         hint = (
             f" It has {unsafe[0].name}, a pickle file that bigmodel does not load by default: convert it with "

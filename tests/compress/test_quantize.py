@@ -1,0 +1,189 @@
+"""Int8 weights: the per-row rounding bound, Int8Linear against F.linear with the dequantized weight, whole
+models against fp32, and the dtypes generation and eval accept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigmodel.cli import main
+from bigmodel.compress import quantize
+from bigmodel.compress.quantize import Int8Linear, int8_error, quantize_int8, quantize_rows
+from bigmodel.generation import cast_for_inference, generate
+from bigmodel.models.gpt import GPT
+from bigmodel.train.loop import TrainResult
+from conftest import tiny_gpt
+
+V = 64
+FBGEMM = pytest.mark.skipif(not quantize.fbgemm_available(), reason="needs torch's x86/fbgemm quantized engine")
+
+
+@pytest.fixture(params=["default", "weight-only"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both int8 kernels: the default (fbgemm on x86) and the weight-only fallback used elsewhere."""
+    if request.param == "weight-only":
+        monkeypatch.setattr(quantize, "fbgemm_available", lambda: False)
+    return str(request.param)
+
+
+def _weight(seed: int = 0) -> torch.Tensor:
+    w = torch.randn(48, 40, generator=torch.Generator().manual_seed(seed))
+    w[3] *= 100.0  # rows of very different ranges: one scale per row
+    w[5] = 0.0  # an all-zero row must not divide by zero
+    w[7, 11] = -w[7].abs().max() * 2  # a row whose extreme is negative
+    return w
+
+
+def test_quantize_rows_error_bound() -> None:
+    w = _weight()
+    q, scales = quantize_rows(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape and scales.shape == (48,)
+    assert int(q.abs().max()) == 127 and int(q.min()) >= -127
+    torch.testing.assert_close(scales[w.abs().amax(1) > 0], w.abs().amax(1)[w.abs().amax(1) > 0] / 127)
+    deq = q.float() * scales[:, None]
+    assert torch.isfinite(deq).all() and (deq[5] == 0).all()
+    err = (w - deq).abs()
+    assert (err <= scales[:, None] / 2 * (1 + 1e-5)).all()  # round to nearest: at most half a step per row
+    assert err.max() > scales.min()  # the bound is per row: one global step would be much coarser
+    assert int(q[7, 11]) == -127
+    assert 0 < int8_error(w) < 0.01
+
+
+def test_int8_linear_weight_only_matches_dequantized_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantize, "fbgemm_available", lambda: False)
+    g = torch.Generator().manual_seed(1)
+    w, b = _weight(), torch.randn(48, generator=g)
+    lin = Int8Linear(w, b)
+    x = torch.randn(3, 7, 40, generator=g)  # any leading shape
+    y = lin(x)
+    expected = F.linear(x, lin.dequantized(), b)
+    assert y.shape == (3, 7, 48)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    no_bias = Int8Linear(w, None)
+    torch.testing.assert_close(no_bias(x), F.linear(x, no_bias.dequantized()), rtol=1e-4, atol=1e-2)
+
+
+@FBGEMM
+def test_int8_linear_fbgemm_error_within_activation_rounding() -> None:
+    """fbgemm quantizes activations per call (7-bit range): the error is bounded by that rounding alone."""
+    g = torch.Generator().manual_seed(2)
+    w, b = _weight(), torch.randn(48, generator=g)
+    lin = Int8Linear(w, b)
+    x = torch.randn(21, 40, generator=g) * 3
+    y = lin(x)
+    expected = F.linear(x, lin.dequantized(), b)
+    step = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 127  # per-tensor activation step
+    bound = step / 2 * lin.dequantized().abs().sum(1)  # (48,): half a step on every input
+    assert ((y - expected).abs() <= bound * 1.01 + 1e-4).all()
+    assert (y - expected).abs().max() < 0.02 * expected.abs().max()
+    y16 = lin(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), expected, rtol=0, atol=0.03 * float(expected.abs().max()))
+
+
+def test_quantize_int8_model_logits_close_to_fp32(kernel: str) -> None:
+    model = tiny_gpt(V, scale=3.0)
+    idx = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, _ = model(idx)
+    q = quantize_int8(tiny_gpt(V, scale=3.0))
+    assert not any(isinstance(m, nn.Linear) for m in q.modules())
+    assert isinstance(q.lm_head, Int8Linear)
+    assert q.transformer.wte.weight.dtype == torch.float32  # the embedding lookup stays float
+    with torch.no_grad():
+        got, _ = q(idx)
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    if kernel == "weight-only":  # exactly the fp32 model with every Linear weight rounded to int8
+        ref = tiny_gpt(V, scale=3.0)
+        with torch.no_grad():
+            for name, m in ref.named_modules():
+                if isinstance(m, nn.Linear):
+                    m.weight = nn.Parameter(q.get_submodule(name).dequantized())  # unties lm_head too
+            rounded, _ = ref(idx)
+        torch.testing.assert_close(got, rounded, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_generation(kernel: str) -> None:
+    model = tiny_gpt(V, block_size=48, scale=3.0, pos_scale=10.0)
+    idx = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(1))
+    fp32 = generate(model, idx, max_new_tokens=20)
+    q = cast_for_inference(tiny_gpt(V, block_size=48, scale=3.0, pos_scale=10.0), "int8")
+    assert isinstance(q.lm_head, Int8Linear)
+    out, lps = generate(q, idx, max_new_tokens=20, output_logprobs=True)
+    assert out.shape == (2, 25) and torch.equal(out[:, :5], idx)
+    assert (out == fp32).float().mean() > 0.8 and torch.isfinite(lps).all()
+    sampled = generate(q, idx, max_new_tokens=20, do_sample=True, seed=0)
+    assert torch.equal(sampled, generate(q, idx, max_new_tokens=20, do_sample=True, seed=0))
+
+
+def test_bf16_generation() -> None:
+    model = tiny_gpt(V, block_size=48, scale=3.0, pos_scale=10.0)
+    idx = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, _ = model(idx)
+    fp32_tokens = generate(model, idx, max_new_tokens=20)
+    b16 = cast_for_inference(model, "bf16")
+    assert all(p.dtype == torch.bfloat16 for p in b16.parameters())
+    with torch.no_grad():
+        got, _ = b16(idx)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=0.03 * float(expected.abs().max()))
+    out, lps = generate(b16, idx, max_new_tokens=20, output_logprobs=True)
+    assert out.shape == (2, 25) and lps.dtype == torch.float32 and torch.isfinite(lps).all()
+    assert (out == fp32_tokens).float().mean() > 0.8
+    assert cast_for_inference(b16, "fp32").transformer.wte.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="int4"):
+        cast_for_inference(b16, "int4")
+
+
+
+
+@FBGEMM
+def test_int8_model_stays_causal() -> None:
+    q = quantize_int8(tiny_gpt(V, scale=3.0))
+    a = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(1))
+    b = a.clone()
+    b[0, 10:] = (b[0, 10:] + 7) % V
+    with torch.no_grad():
+        la, _ = q(a)
+        lb, _ = q(b)
+    torch.testing.assert_close(la[:, :10], lb[:, :10])  # changing the future must not change the past
+
+
+@FBGEMM
+def test_int8_batch_rows_equal_each_prompt_alone() -> None:
+    q = quantize_int8(tiny_gpt(50, block_size=48, scale=3.0, pos_scale=10.0))
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [0, 4, 0, 2]]
+    _, lps = generate(q, prompts, max_new_tokens=8, output_logprobs=True)
+    for i, p in enumerate(prompts):
+        _, alone = generate(q, [p], max_new_tokens=8, output_logprobs=True)
+        torch.testing.assert_close(lps[i], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_eval_with_int8_weights(
+    tiny_run: tuple[TrainResult, object], bpe_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = str(tiny_run[0].run_dir)
+    scores = {}
+    for dtype in ("fp32", "int8"):
+        assert main(["eval", run, "--data", str(bpe_data), "--dtype", dtype, "--max-tokens", "1024"]) == 0
+        out = capsys.readouterr().out
+        assert len(out.strip().splitlines()) == 1
+        scores[dtype] = json.loads(out)
+        assert set(scores[dtype]) == {"loss", "perplexity", "bits_per_byte", "tokens"}
+    assert scores["int8"]["tokens"] == scores["fp32"]["tokens"]
+    assert scores["int8"]["loss"] != scores["fp32"]["loss"]  # the weights really were quantized
+    assert scores["int8"]["loss"] == pytest.approx(scores["fp32"]["loss"], rel=0.01)
+
+
+def test_quantized_model_is_a_gpt() -> None:
+    q = quantize_int8(tiny_gpt(V))
+    assert isinstance(q, GPT) and not q.training
+    assert all(not p.requires_grad for m in q.modules() if isinstance(m, Int8Linear) for p in m.parameters())
