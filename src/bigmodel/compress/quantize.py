@@ -48,18 +48,16 @@ def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor) -> object | None:
             return None
 
 
-def _per_row_dynamic(x: torch.Tensor, packed: object) -> torch.Tensor:
+def _per_row_dynamic(x: torch.Tensor, packed: object, pins: torch.Tensor) -> torch.Tensor:
     """fbgemm's dynamic int8 matmul with every row of x (M, in) quantized on its own grid.
 
-    fbgemm picks one activation range for the whole input; scaling each row to max |x| = 1 and adding a row
-    of +1s and one of -1s pins that range to [-1, 1] whatever the other rows hold, so a row's result
-    never depends on the rest of the batch or on later positions (the model stays causal).
+    fbgemm picks one activation range for the whole input; scaling each row to max |x| = 1 and appending
+    `pins` (a row of +1s and one of -1s) fixes that range to [-1, 1] whatever the other rows hold, so a
+    row's result never depends on the rest of the batch or on later positions (the model stays causal).
     """
-    m = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (M, 1)
-    pins = torch.ones(2, x.size(1), dtype=x.dtype, device=x.device)
-    pins[1] = -1.0
+    m = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True).clamp_(min=1e-12)  # (M, 1)
     y = torch.ops.quantized.linear_dynamic(torch.cat([x / m, pins]), packed, True)  # (M + 2, out)
-    return y[: x.size(0)] * m
+    return y[: x.size(0)].mul_(m)
 
 
 class Int8Linear(nn.Module):
@@ -67,6 +65,7 @@ class Int8Linear(nn.Module):
 
     weight_int8: torch.Tensor  # (out, in) int8
     scales: torch.Tensor  # (out,) fp32
+    pins: torch.Tensor  # (2, in): +1s and -1s that fix fbgemm's activation range (see _per_row_dynamic)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -76,12 +75,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self.packed = _fbgemm_pack(q, scales) if weight.device.type == "cpu" else None
+        self.register_buffer("pins", torch.stack([torch.ones(self.in_features), -torch.ones(self.in_features)]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, in)
         if self.packed is not None:
-            y = _per_row_dynamic(x2.float(), self.packed).to(x.dtype)  # (M, out)
+            y = _per_row_dynamic(x2.float(), self.packed, self.pins).to(x.dtype)  # (M, out)
         else:
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(x2.dtype))
         if self.bias is not None:
