@@ -543,3 +543,28 @@ def test_text_stream_cuts_at_the_earliest_of_several_stop_strings(char_tok: Toke
         stream = TextStream(char_tok, stops)
         assert "".join(_push_all(stream, b"xab")) == "x", stops
         assert stream.tokens_before_stop == 1
+
+
+def test_the_transformers_docs_example_works_with_bigmodel_names(tmp_path) -> None:
+    """The snippet users copy from the transformers docs, with bigmodel's names swapped in."""
+    from bigmodel import Tokenizer
+
+    d = tmp_path / "model"
+    tok = Tokenizer.char()
+    gpt = tiny_gpt(tok.vocab_size, block_size=128)
+    gpt.save_pretrained(d, tok)
+    text = "Hello, wörld"
+
+    tok = Tokenizer.from_pretrained(d)
+    model = GPT.from_pretrained(d)
+    out = model.generate(
+        input_ids=torch.tensor([tok.encode(text)]),
+        max_length=100,
+        num_return_sequences=1,
+        temperature=1.0,
+        do_sample=True,
+    )
+    decoded = tok.decode(out[0], skip_special_tokens=True)
+    assert out.shape[0] == 1 and out.shape[1] <= 100
+    assert decoded.startswith(text) and isinstance(decoded, str)
+    assert decoded == tok.decode(out[0].tolist(), skip_special_tokens=True)

@@ -143,8 +143,6 @@ def test_bf16_generation() -> None:
         cast_for_inference(b16, "int4")
 
 
-
-
 @FBGEMM
 def test_int8_model_stays_causal() -> None:
     q = quantize_int8(tiny_gpt(V, scale=3.0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -102,8 +103,10 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return str(self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+    def decode(self, ids: Iterable[int] | Any, skip_special_tokens: bool = False) -> str:
+        """Token ids (a list, or a 1-D tensor such as `model.generate(...)[0]`) -> text."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return str(self.tok.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def to_str(self) -> str:
         return str(self.tok.to_str())
