@@ -253,7 +253,7 @@ def resolve_config(
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from `to_dict` output (e.g. a checkpoint's config.toml)."""
+    """Rebuild a RunConfig from its dict form (e.g. a parsed config.toml)."""
     raw: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
     for section in ("model", "train"):
         for k, v in data.get(section, {}).items():
@@ -267,10 +267,6 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 def load_toml(path: str | Path) -> RunConfig:
     return config_from_dict(tomllib.loads(Path(path).read_text(encoding="utf-8")))
-
-
-def to_dict(config: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
 
 
 def to_toml(config: RunConfig) -> str:

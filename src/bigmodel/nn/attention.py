@@ -45,11 +45,6 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.pos += n
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (e.g. to repeat a prompt's cache for several samples)."""
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
-
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of a single query per row: q (B, nh, 1, hd), k/v (B, nh, S, hd), mask (B, 1, 1, S) or None."""
