@@ -217,34 +217,15 @@ def generate(
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=... to see text")
     rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
-    streams = [TextStream(tokenizer, stop_strings) for _ in rows] if stop_strings and tokenizer else None
+    results = _complete(model, prompts, cfg, tokenizer if stop_strings else None, stop_strings)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.stop_ids or [0])[0]
-    new_tokens: list[list[int]] = [[] for _ in rows]
-    new_logprobs: list[list[float]] = [[] for _ in rows]
-    finished = [False] * len(rows)
-    for step in decode(model, prompts, cfg):
-        for i, (t, lp) in enumerate(zip(step.tokens.tolist(), step.logprobs.tolist(), strict=True)):
-            if finished[i]:
-                continue
-            new_tokens[i].append(t)
-            new_logprobs[i].append(lp)
-            finished[i] = bool(step.done[i])
-            if streams is not None and not finished[i]:
-                streams[i].push(t)
-                if streams[i].stopped:
-                    new_tokens[i] = new_tokens[i][: streams[i].tokens_before_stop]
-                    new_logprobs[i] = new_logprobs[i][: streams[i].tokens_before_stop]
-                    finished[i] = True
-        if all(finished):
-            break
-    width = max(len(t) for t in new_tokens)
-    L = max(len(p) for p in rows)
+    width, L = max(len(r.token_ids) for r in results), max(len(p) for p in rows)
     out = torch.full((len(rows), L + width), pad, dtype=torch.long)
     lps = torch.zeros((len(rows), width))
-    for i, (p, t) in enumerate(zip(rows, new_tokens, strict=True)):
+    for i, (p, r) in enumerate(zip(rows, results, strict=True)):
         out[i, L - len(p) : L] = torch.tensor(p)
-        out[i, L : L + len(t)] = torch.tensor(t, dtype=torch.long)
-        lps[i, : len(t)] = torch.tensor(new_logprobs[i])
+        out[i, L : L + len(r.token_ids)] = torch.tensor(r.token_ids, dtype=torch.long)
+        lps[i, : len(r.logprobs)] = torch.tensor(r.logprobs)
     out = out.to(model.transformer.wte.weight.device)
     return (out, lps) if output_logprobs else out
 
@@ -372,30 +353,47 @@ def generate_text(
     kwargs.setdefault("eos_token_id", tokenizer.eot_id)
     cfg = _split_kwargs(kwargs)
     prompts = [prompts] if isinstance(prompts, str) else prompts
+    results = _complete(model, [_encode_prompt(tokenizer, p) for p in prompts], cfg, tokenizer, stop_strings)
+    stops = set(cfg.stop_ids)
+    for r in results:  # the text API leaves the stop token out of the ids as well as the text
+        if r.token_ids and r.token_ids[-1] in stops and r.finish_reason == "stop":
+            del r.token_ids[-1], r.logprobs[-1]
+    return results
+
+
+def _complete(
+    model: GPT,
+    prompts: list[list[int]],
+    cfg: GenerationConfig,
+    tokenizer: Tokenizer | None,
+    stop_strings: list[str] | None,
+) -> list[Completion]:
+    """Run `decode` to the end and collect every row: its new ids (a final stop token included), their
+    log-probabilities, and, when a tokenizer is given, its text with stop strings cut off."""
     n = len(prompts) * cfg.num_return_sequences
-    streams = [TextStream(tokenizer, stop_strings) for _ in range(n)]
-    texts, reasons = [""] * n, ["length"] * n
-    ids: list[list[int]] = [[] for _ in range(n)]
-    lps: list[list[float]] = [[] for _ in range(n)]
+    streams = [TextStream(tokenizer, stop_strings) for _ in range(n)] if tokenizer is not None else None
+    rows = [Completion("", [], [], "length") for _ in range(n)]
     active = [True] * n
-    for step in decode(model, [_encode_prompt(tokenizer, p) for p in prompts], cfg):
-        for i in range(n):
+    for step in decode(model, prompts, cfg):
+        for i, (t, lp) in enumerate(zip(step.tokens.tolist(), step.logprobs.tolist(), strict=True)):
             if not active[i]:
                 continue
-            if bool(step.done[i]):
-                active[i], reasons[i] = False, "stop"
-                continue
-            t = int(step.tokens[i])
-            ids[i].append(t)
-            lps[i].append(float(step.logprobs[i]))
-            texts[i] += streams[i].push(t)
-            if streams[i].stopped:
-                active[i], reasons[i] = False, "stop"
-                ids[i] = ids[i][: streams[i].tokens_before_stop]
-                lps[i] = lps[i][: streams[i].tokens_before_stop]
+            r = rows[i]
+            r.token_ids.append(t)
+            r.logprobs.append(lp)
+            if bool(step.done[i]):  # a stop token
+                active[i], r.finish_reason = False, "stop"
+            elif streams is not None:
+                r.text += streams[i].push(t)
+                if streams[i].stopped:  # a stop string: keep only the tokens wholly before it
+                    active[i], r.finish_reason = False, "stop"
+                    del r.token_ids[streams[i].tokens_before_stop :], r.logprobs[streams[i].tokens_before_stop :]
         if not any(active):
             break
-    return [Completion(texts[i] + streams[i].finish(), ids[i], lps[i], reasons[i]) for i in range(n)]
+    if streams is not None:
+        for r, stream in zip(rows, streams, strict=True):
+            r.text += stream.finish()
+    return rows
 
 
 def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
