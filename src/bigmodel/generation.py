@@ -106,6 +106,8 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, cfg: Generat
 # ----- the decoding loop ------------------------------------------------------------------------------------
 @dataclass
 class Step:
+    """One decoding step. Its tensors are made under torch.inference_mode: read them, do not train on them."""
+
     tokens: torch.Tensor  # (N,) the token chosen for every row this step
     logprobs: torch.Tensor  # (N,) its log-probability under the model (before any processing)
     done: torch.Tensor  # (N,) rows that have finished (they keep receiving the pad token)
@@ -137,7 +139,7 @@ def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig) -> Itera
     return _decode_steps(model, rows, new, cfg)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # cheaper than no_grad; only lists and fresh tensors leave the engine
 def _decode_steps(model: GPT, rows: list[list[int]], new: int, cfg: GenerationConfig) -> Iterator[Step]:
     device = model.transformer.wte.weight.device
     N, L, vocab = len(rows), max(len(p) for p in rows), model.config.vocab_size or 0
@@ -185,9 +187,10 @@ def _decode_steps(model: GPT, rows: list[list[int]], new: int, cfg: GenerationCo
                 return
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)
-            keys = torch.cat([keys, torch.ones(N, 1, dtype=torch.bool, device=device)], dim=1)
-            step_mask = keys[:, None, None, :] if padded else None  # (N, 1, 1, S)
-            pos = next_pos[:, None] if padded else None
+            step_mask, pos = None, None
+            if padded:
+                keys = torch.cat([keys, torch.ones(N, 1, dtype=torch.bool, device=device)], dim=1)
+                step_mask, pos = keys[:, None, None, :], next_pos[:, None]  # (N, 1, 1, S), (N, 1)
             logits, _ = model(tok[:, None], cache=cache, last_only=True, position_ids=pos, attn_mask=step_mask)
             next_pos = next_pos + 1
     finally:
