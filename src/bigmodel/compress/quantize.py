@@ -79,14 +79,17 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (M, in)
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
         if self.packed is not None:
-            y = _per_row_dynamic(x2.float(), self.packed, self.pins).to(x.dtype)  # (M, out)
+            y = _per_row_dynamic(x2 if x2.dtype == torch.float32 else x2.float(), self.packed, self.pins)
+            if self.bias is not None:
+                y.add_(self.bias)
+            y = y if x.dtype == torch.float32 else y.to(x.dtype)  # (M, out)
         else:
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(x2.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         """The float weight this layer computes with, (out, in)."""
