@@ -1,0 +1,372 @@
+"""PCA, TruncatedSVD and IncrementalPCA in torch, with scikit-learn's estimator contract and results.
+
+Reading order: the randomized SVD both randomized solvers use, the projection shared by PCA and
+IncrementalPCA (transform, inverse_transform, nn.Module form), then the three estimators. Computations
+run in the input's dtype on the input's device; attributes and results come back as numpy when the
+input was numpy, as tensors when it was a tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bigmodel.features.base import Estimator, same_kind, to_tensor
+
+SOLVERS = ("auto", "full", "randomized")
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.sparse.mm(a, b) if a.is_sparse else a @ b
+
+
+def randomized_svd(
+    M: torch.Tensor, k: int, n_oversamples: int = 10, n_iter: int = 4, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k SVD of M (n, d), dense or sparse, by a randomized range finder with power iterations (Halko et
+    al. 2011): returns U (n, k), S (k,), Vt (k, d)."""
+    g = torch.Generator(device=M.device).manual_seed(0 if seed is None else seed)
+    width = min(k + n_oversamples, *M.shape)
+    omega = torch.randn(M.shape[1], width, generator=g, dtype=M.dtype, device=M.device)
+    Mt = M.t()
+    Q = _matmul(M, omega)  # (n, width)
+    for _ in range(n_iter):  # power iterations sharpen the spectrum; QR keeps them stable
+        Q, _ = torch.linalg.qr(Q)
+        Q, _ = torch.linalg.qr(_matmul(Mt, Q))
+        Q = _matmul(M, Q)
+    Q, _ = torch.linalg.qr(Q)
+    B = _matmul(Mt, Q).t()  # (width, d) = Q.T @ M
+    Ub, S, Vt = torch.linalg.svd(B, full_matrices=False)
+    return (Q @ Ub)[:, :k], S[:k], Vt[:k]
+
+
+def flip_signs(Vt: torch.Tensor, U: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Deterministic signs (scikit-learn's svd_flip, V-based): each row of Vt has its largest |entry| > 0."""
+    idx = Vt.abs().argmax(dim=1)
+    signs = torch.sign(Vt[torch.arange(Vt.shape[0]), idx])
+    signs[signs == 0] = 1
+    return Vt * signs[:, None], (U * signs[None, :] if U is not None else None)
+
+
+class ProjectionModule(nn.Module):
+    """A fitted PCA as a frozen layer: (..., d) -> (..., k) = (x - mean) @ components.T / scale."""
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, mean: torch.Tensor, components: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("components", components.clone())
+        self.register_buffer("scale", scale.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) @ self.components.t()) / self.scale
+
+
+class _Projection(Estimator):
+    """transform / inverse_transform / to_module for estimators that learn mean_ and components_."""
+
+    whiten: bool
+    _mean: torch.Tensor
+    _components: torch.Tensor
+    _variance: torch.Tensor
+
+    def fit(self, X: Any, y: Any = None) -> Any:
+        raise NotImplementedError
+
+    def _scale(self) -> torch.Tensor:
+        if self.whiten:
+            return self._variance.sqrt().clamp(min=torch.finfo(self._variance.dtype).tiny)
+        return torch.ones_like(self._variance)
+
+    def transform(self, X: Any) -> Any:
+        self._check_fitted("components_")
+        t, as_numpy = to_tensor(X)
+        if t.shape[1] != self._components.shape[1]:
+            raise ValueError(
+                f"X has {t.shape[1]} features, but {type(self).__name__} was fitted with {self._components.shape[1]}"
+            )
+        out = self.to_module().to(t.device, t.dtype)(t)
+        return same_kind(out, as_numpy)
+
+    def fit_transform(self, X: Any, y: Any = None) -> Any:
+        return self.fit(X).transform(X)
+
+    def inverse_transform(self, Z: Any) -> Any:
+        self._check_fitted("components_")
+        t, as_numpy = to_tensor(Z, "Z")
+        k = self._components.shape[0]
+        if t.shape[1] != k:
+            raise ValueError(f"Z has {t.shape[1]} columns, expected n_components_={k}")
+        c, m, s = (v.to(t.device, t.dtype) for v in (self._components, self._mean, self._scale()))
+        return same_kind((t * s) @ c + m, as_numpy)
+
+    def to_module(self) -> ProjectionModule:
+        """The fitted projection as a frozen nn.Module (buffers, no parameters) for use inside a model."""
+        self._check_fitted("components_")
+        return ProjectionModule(self._mean, self._components, self._scale())
+
+    def _publish(self, as_numpy: bool, **attrs: torch.Tensor | int) -> None:
+        for name, value in attrs.items():
+            setattr(self, name, same_kind(value, as_numpy) if isinstance(value, torch.Tensor) else value)
+
+
+def _n_components(value: int | float | None, n: int, d: int, name: str) -> int | float:
+    limit = min(n, d)
+    if value is None:
+        return limit
+    if isinstance(value, float):
+        if not 0 < value < 1:
+            raise ValueError(f"{name}={value}: a float must be a variance fraction in (0, 1)")
+        return value
+    if not 1 <= int(value) <= limit:
+        raise ValueError(f"{name}={value} must be between 1 and min(n_samples, n_features) = {limit}")
+    return int(value)
+
+
+class PCA(_Projection):
+    """Principal component analysis: full SVD or randomized solver, optional whitening.
+
+    n_components: int, a variance fraction in (0, 1) (keep the fewest components reaching it; full solver),
+    or None (all). Learned: mean_, components_ (k, d), explained_variance_, explained_variance_ratio_,
+    singular_values_, noise_variance_, n_components_, n_samples_, n_features_in_.
+    """
+
+    def __init__(
+        self,
+        n_components: int | float | None = None,
+        *,
+        whiten: bool = False,
+        svd_solver: str = "auto",
+        n_oversamples: int = 10,
+        iterated_power: int = 4,
+        random_state: int | None = None,
+    ) -> None:
+        self.n_components = n_components
+        self.whiten = whiten
+        self.svd_solver = svd_solver
+        self.n_oversamples = n_oversamples
+        self.iterated_power = iterated_power
+        self.random_state = random_state
+
+    def fit(self, X: Any, y: Any = None) -> PCA:
+        t, as_numpy = to_tensor(X)
+        n, d = t.shape
+        if n < 2:
+            raise ValueError(f"PCA needs at least 2 samples, got {n}")
+        if self.svd_solver not in SOLVERS:
+            raise ValueError(f"svd_solver={self.svd_solver!r} is invalid: expected {' | '.join(SOLVERS)}")
+        want = _n_components(self.n_components, n, d, "n_components")
+        solver = self.svd_solver
+        if solver == "auto":  # scikit-learn's rule
+            solver = "randomized" if max(n, d) > 500 and isinstance(want, int) and want < 0.8 * min(n, d) else "full"
+        mean = t.mean(dim=0)
+        xc = t - mean
+        if solver == "full":
+            _, S, Vt = torch.linalg.svd(xc, full_matrices=False)
+            total = (S**2).sum() / (n - 1)
+        else:
+            if not isinstance(want, int):
+                raise ValueError("svd_solver='randomized' needs an integer n_components")
+            _, S, Vt = randomized_svd(xc, want, self.n_oversamples, self.iterated_power, self.random_state)
+            total = (xc**2).sum() / (n - 1)
+        Vt, _ = flip_signs(Vt)
+        variance = S**2 / (n - 1)
+        ratio = variance / total
+        k = (
+            want
+            if isinstance(want, int)
+            else int(torch.searchsorted(ratio.cumsum(0), torch.tensor(want, dtype=ratio.dtype), right=True)) + 1
+        )
+        k = min(k, len(S))
+        rest = min(n, d) - k
+        noise = (total - variance[:k].sum()) / rest if rest > 0 else torch.zeros((), dtype=t.dtype)
+        self._mean, self._components, self._variance = mean, Vt[:k], variance[:k]
+        self._publish(
+            as_numpy,
+            mean_=mean,
+            components_=Vt[:k],
+            explained_variance_=variance[:k],
+            explained_variance_ratio_=ratio[:k],
+            singular_values_=S[:k],
+            noise_variance_=noise,
+            n_components_=k,
+            n_samples_=n,
+            n_features_in_=d,
+        )
+        return self
+
+
+class TruncatedSVD(Estimator):
+    """Top-k SVD without centering (LSA), for dense or sparse input (scipy.sparse or torch sparse).
+
+    Learned: components_ (k, d), singular_values_, explained_variance_ (of the transformed columns),
+    explained_variance_ratio_, n_features_in_.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 2,
+        *,
+        algorithm: str = "randomized",
+        n_iter: int = 5,
+        n_oversamples: int = 10,
+        random_state: int | None = None,
+    ) -> None:
+        self.n_components = n_components
+        self.algorithm = algorithm
+        self.n_iter = n_iter
+        self.n_oversamples = n_oversamples
+        self.random_state = random_state
+
+    @staticmethod
+    def _input(X: Any) -> tuple[torch.Tensor, bool]:
+        if hasattr(X, "tocoo") and not isinstance(X, np.ndarray):  # scipy.sparse
+            coo = X.tocoo()
+            if not np.isfinite(coo.data).all():
+                raise ValueError("X contains NaN or infinite values; clean or impute them first")
+            idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+            data = torch.from_numpy(coo.data.astype(np.float64 if coo.data.dtype == np.float64 else np.float32))
+            if coo.shape[0] == 0 or coo.shape[1] == 0:
+                raise ValueError(f"X is empty: shape {coo.shape}")
+            return torch.sparse_coo_tensor(idx, data, coo.shape, check_invariants=True).coalesce(), True
+        if isinstance(X, torch.Tensor) and X.is_sparse:
+            if X.dim() != 2:
+                raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}")
+            return X.coalesce(), False
+        return to_tensor(X)
+
+    def fit(self, X: Any, y: Any = None) -> TruncatedSVD:
+        self.fit_transform(X)
+        return self
+
+    def fit_transform(self, X: Any, y: Any = None) -> Any:
+        t, as_numpy = self._input(X)
+        n, d = t.shape
+        k = int(self.n_components)
+        if not 1 <= k < d:
+            raise ValueError(f"n_components={self.n_components} must be between 1 and n_features - 1 = {d - 1}")
+        if self.algorithm == "randomized":
+            U, S, Vt = randomized_svd(t, k, self.n_oversamples, self.n_iter, self.random_state)
+        elif self.algorithm == "full":
+            U, S, Vt = torch.linalg.svd(t.to_dense() if t.is_sparse else t, full_matrices=False)
+            U, S, Vt = U[:, :k], S[:k], Vt[:k]
+        else:
+            raise ValueError(f"algorithm={self.algorithm!r} is invalid: expected randomized | full")
+        Vt, flipped = flip_signs(Vt, U)
+        assert flipped is not None
+        Z = flipped * S  # (n, k): the transformed data
+        dense = t.to_dense() if t.is_sparse else t
+        total = dense.var(dim=0, unbiased=False).sum()
+        variance = Z.var(dim=0, unbiased=False)
+        self._components = Vt
+        for name, value in (
+            ("components_", Vt),
+            ("singular_values_", S),
+            ("explained_variance_", variance),
+            ("explained_variance_ratio_", variance / total),
+        ):
+            setattr(self, name, same_kind(value, as_numpy))
+        self.n_features_in_ = d
+        return same_kind(Z, as_numpy)
+
+    def transform(self, X: Any) -> Any:
+        self._check_fitted("components_")
+        t, as_numpy = self._input(X)
+        if t.shape[1] != self._components.shape[1]:
+            raise ValueError(
+                f"X has {t.shape[1]} features, but TruncatedSVD was fitted with {self._components.shape[1]}"
+            )
+        return same_kind(_matmul(t, self._components.t().to(t.device, t.dtype)), as_numpy)
+
+    def inverse_transform(self, Z: Any) -> Any:
+        self._check_fitted("components_")
+        t, as_numpy = to_tensor(Z, "Z")
+        return same_kind(t @ self._components.to(t.device, t.dtype), as_numpy)
+
+
+class IncrementalPCA(_Projection):
+    """PCA fitted batch by batch (Ross et al. 2008, as scikit-learn's): memory bounded by the batch size.
+
+    `fit(X)` slices X in batches of `batch_size` rows (default 5 * n_features), so a numpy memmap is read
+    one batch at a time; `partial_fit(batch)` and `fit_batches(iterable)` take batches from anywhere.
+    """
+
+    _singular: torch.Tensor
+
+    def __init__(self, n_components: int | None = None, *, whiten: bool = False, batch_size: int | None = None) -> None:
+        self.n_components = n_components
+        self.whiten = whiten
+        self.batch_size = batch_size
+
+    def fit(self, X: Any, y: Any = None) -> IncrementalPCA:
+        n, d = np.shape(X) if not isinstance(X, torch.Tensor) else tuple(X.shape)
+        size = self.batch_size or 5 * d
+        return self.fit_batches(X[i : i + size] for i in range(0, n, size))
+
+    def fit_batches(self, batches: Iterable[Any]) -> IncrementalPCA:
+        for attr in ("components_", "_seen"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+        empty = True
+        for batch in batches:
+            self.partial_fit(batch)
+            empty = False
+        if empty:
+            raise ValueError("no batches: IncrementalPCA needs data to fit")
+        return self
+
+    def partial_fit(self, X: Any, y: Any = None) -> IncrementalPCA:
+        t, as_numpy = to_tensor(X)
+        n, d = t.shape
+        first = not hasattr(self, "_seen")
+        if first:
+            k = self.n_components if self.n_components is not None else min(n, d)
+            if not 1 <= k <= d:
+                raise ValueError(f"n_components={self.n_components} must be between 1 and n_features = {d}")
+            self._k, self._seen = int(k), 0
+            self._mean = torch.zeros(d, dtype=t.dtype, device=t.device)
+            self._var = torch.zeros(d, dtype=t.dtype, device=t.device)
+        elif d != self._mean.shape[0]:
+            raise ValueError(f"batch has {d} features, earlier batches had {self._mean.shape[0]}")
+        if n < self._k:
+            raise ValueError(f"a batch of {n} rows is smaller than n_components={self._k}; use larger batches")
+        seen, total = self._seen, self._seen + n
+        batch_mean = t.mean(dim=0)
+        new_mean = (seen * self._mean + n * batch_mean) / total
+        # Chan et al.'s parallel variance update
+        m2 = self._var * seen + ((t - batch_mean) ** 2).sum(0) + (self._mean - batch_mean) ** 2 * seen * n / total
+        if first:
+            stacked = t - batch_mean
+        else:
+            correction = np.sqrt(seen * n / total) * (self._mean - batch_mean)
+            stacked = torch.cat([self._singular[:, None] * self._components, t - batch_mean, correction[None]])
+        _, S, Vt = torch.linalg.svd(stacked, full_matrices=False)
+        Vt, _ = flip_signs(Vt)
+        k = self._k
+        variance = S**2 / (total - 1)
+        var_total = m2.sum() / (total - 1)
+        self._mean, self._var, self._seen = new_mean, m2 / total, total
+        self._components, self._singular, self._variance = Vt[:k], S[:k], variance[:k]
+        rest = min(total, d) - k
+        noise = variance[k:].mean() if rest > 0 and len(variance) > k else torch.zeros((), dtype=t.dtype)
+        self._publish(
+            as_numpy,
+            mean_=new_mean,
+            var_=m2 / total,
+            components_=Vt[:k],
+            singular_values_=S[:k],
+            explained_variance_=variance[:k],
+            explained_variance_ratio_=variance[:k] / var_total,
+            noise_variance_=noise,
+            n_components_=k,
+            n_samples_seen_=total,
+            n_features_in_=d,
+        )
+        return self
