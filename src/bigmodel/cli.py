@@ -134,6 +134,26 @@ def _parser() -> argparse.ArgumentParser:
         help="read pytorch_model.bin with torch.load(weights_only=True); never needed for safetensors",
     )
 
+    f = sub.add_parser(
+        "features",
+        help="fit a PCA / TruncatedSVD / IncrementalPCA on .npy or .csv, or transform with one",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel features fit pca data.npy --n-components 0.95 --out pca/\n"
+        "  bigmodel features transform pca/ data.npy --out features.npy",
+    )
+    fsub = f.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ff = fsub.add_parser("fit", help="fit an estimator and save it (safetensors + JSON)")
+    ff.add_argument("kind", choices=["pca", "truncated-svd", "incremental-pca"])
+    ff.add_argument("input", help=".npy (memory-mapped) or .csv matrix, rows are samples")
+    ff.add_argument("--out", required=True, help="folder for estimator.safetensors + estimator.json")
+    ff.add_argument("--n-components", default=None, help="a count, or a variance fraction such as 0.95 (PCA)")
+    ff.add_argument("--whiten", action="store_true", help="scale components to unit variance (PCA)")
+    ff.add_argument("--batch-size", type=_positive_int, default=None, help="rows per batch (incremental-pca)")
+    ft = fsub.add_parser("transform", help="transform a matrix with a saved estimator")
+    ft.add_argument("model", help="folder written by `bigmodel features fit`")
+    ft.add_argument("input", help=".npy or .csv matrix")
+    ft.add_argument("--out", required=True, help="where to write the features (.npy)")
+
     d = sub.add_parser(
         "demo",
         help="prepare -> train -> eval -> generate on built-in Shakespeare",
@@ -172,6 +192,10 @@ def _runner(verb: str) -> Callable[[Any], int]:
         from bigmodel.convert import run_export, run_import
 
         return run_export if verb == "export" else run_import
+    if verb == "features":
+        from bigmodel.features.store import run_features
+
+        return run_features
     from bigmodel.demo import run_demo
 
     return run_demo

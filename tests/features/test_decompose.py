@@ -139,3 +139,29 @@ def test_bad_input_is_a_clear_value_error(data: np.ndarray, kwargs: dict, match:
     fitted = PCA(3).fit(X)
     with pytest.raises(ValueError, match="features"):
         fitted.transform(X[:, :10])
+
+
+@pytest.mark.parametrize("kind", ["pca", "truncated-svd", "incremental-pca"])
+def test_features_cli_fit_transform_round_trip(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bigmodel.cli import main
+    from bigmodel.features.store import load_estimator
+
+    data = tmp_path / "x.npy"
+    np.save(data, X)
+    model = tmp_path / "est"
+    assert main(["features", "fit", kind, str(data), "--n-components", "6", "--out", str(model)]) == 0
+    assert sorted(p.name for p in model.iterdir()) == ["estimator.json", "estimator.safetensors"]
+    assert main(["features", "transform", str(model), str(data), "--out", str(tmp_path / "z.npy")]) == 0
+    z = np.load(tmp_path / "z.npy")
+    assert z.shape == (len(X), 6)
+    est = load_estimator(model)
+    np.testing.assert_allclose(est.transform(X), z, rtol=1e-10, atol=1e-10)
+    ref = {"pca": PCA(6), "truncated-svd": TruncatedSVD(6, random_state=0), "incremental-pca": IncrementalPCA(6)}[kind]
+    np.testing.assert_allclose(np.abs(z[:, :3]), np.abs(ref.fit(X).transform(X)[:, :3]), atol=1e-4)
+    csv = tmp_path / "x.csv"
+    np.savetxt(csv, X[:50], delimiter=",", header="a,b", comments="")
+    assert main(["features", "transform", str(model), str(csv), "--out", str(tmp_path / "z2.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "z2.npy"), z[:50], rtol=1e-8, atol=1e-8)
+    capsys.readouterr()
+    assert main(["features", "transform", str(tmp_path), str(data), "--out", str(tmp_path / "z3.npy")]) == 2
+    assert "no fitted estimator" in capsys.readouterr().err

@@ -19,6 +19,13 @@ class NotFittedError(ValueError, AttributeError):
 
 
 class Estimator:
+    def fit(self, X: Any, y: Any = None) -> Any:
+        raise NotImplementedError
+
+    def _restore_private(self) -> None:
+        """Rebuild internal tensors from the public learned attributes (after loading from disk)."""
+        raise NotImplementedError
+
     @classmethod
     def _param_names(cls) -> list[str]:
         sig = inspect.signature(cls.__init__)

@@ -77,9 +77,6 @@ class _Projection(Estimator):
     _components: torch.Tensor
     _variance: torch.Tensor
 
-    def fit(self, X: Any, y: Any = None) -> Any:
-        raise NotImplementedError
-
     def _scale(self) -> torch.Tensor:
         if self.whiten:
             return self._variance.sqrt().clamp(min=torch.finfo(self._variance.dtype).tiny)
@@ -138,6 +135,14 @@ class PCA(_Projection):
     singular_values_, noise_variance_, n_components_, n_samples_, n_features_in_.
     """
 
+    mean_: Any
+    components_: Any
+    explained_variance_: Any
+    explained_variance_ratio_: Any
+    singular_values_: Any
+    noise_variance_: Any
+    n_components_: Any
+
     def __init__(
         self,
         n_components: int | float | None = None,
@@ -154,6 +159,13 @@ class PCA(_Projection):
         self.n_oversamples = n_oversamples
         self.iterated_power = iterated_power
         self.random_state = random_state
+
+    def _restore_private(self) -> None:
+        self._mean, self._components, self._variance = (
+            _t(self.mean_),
+            _t(self.components_),
+            _t(self.explained_variance_),
+        )
 
     def fit(self, X: Any, y: Any = None) -> PCA:
         t, as_numpy = to_tensor(X)
@@ -203,12 +215,21 @@ class PCA(_Projection):
         return self
 
 
+def _t(a: Any) -> torch.Tensor:
+    return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
+
+
 class TruncatedSVD(Estimator):
     """Top-k SVD without centering (LSA), for dense or sparse input (scipy.sparse or torch sparse).
 
     Learned: components_ (k, d), singular_values_, explained_variance_ (of the transformed columns),
     explained_variance_ratio_, n_features_in_.
     """
+
+    components_: Any
+    singular_values_: Any
+    explained_variance_: Any
+    explained_variance_ratio_: Any
 
     def __init__(
         self,
@@ -241,6 +262,9 @@ class TruncatedSVD(Estimator):
                 raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}")
             return X.coalesce(), False
         return to_tensor(X)
+
+    def _restore_private(self) -> None:
+        self._components = _t(self.components_)
 
     def fit(self, X: Any, y: Any = None) -> TruncatedSVD:
         self.fit_transform(X)
@@ -300,10 +324,27 @@ class IncrementalPCA(_Projection):
 
     _singular: torch.Tensor
 
+    mean_: Any
+    var_: Any
+    components_: Any
+    singular_values_: Any
+    explained_variance_: Any
+    n_components_: Any
+    n_samples_seen_: Any
+
     def __init__(self, n_components: int | None = None, *, whiten: bool = False, batch_size: int | None = None) -> None:
         self.n_components = n_components
         self.whiten = whiten
         self.batch_size = batch_size
+
+    def _restore_private(self) -> None:
+        self._mean, self._components, self._variance = (
+            _t(self.mean_),
+            _t(self.components_),
+            _t(self.explained_variance_),
+        )
+        self._singular, self._var = _t(self.singular_values_), _t(self.var_)
+        self._seen, self._k = int(self.n_samples_seen_), int(self.n_components_)
 
     def fit(self, X: Any, y: Any = None) -> IncrementalPCA:
         n, d = np.shape(X) if not isinstance(X, torch.Tensor) else tuple(X.shape)
