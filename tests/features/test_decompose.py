@@ -165,3 +165,14 @@ def test_features_cli_fit_transform_round_trip(kind: str, tmp_path: Path, capsys
     capsys.readouterr()
     assert main(["features", "transform", str(tmp_path), str(data), "--out", str(tmp_path / "z3.npy")]) == 2
     assert "no fitted estimator" in capsys.readouterr().err
+
+
+def test_pca_covariance_solver_and_auto_match_sklearn() -> None:
+    ref = skd.PCA(12, svd_solver="full").fit(X)
+    for solver in ("covariance_eigh", "auto"):  # digits: n >= 10 d, so auto picks the covariance solver
+        ours = PCA(12, svd_solver=solver).fit(X)
+        np.testing.assert_allclose(ours.explained_variance_, ref.explained_variance_, rtol=1e-6)
+        np.testing.assert_allclose(ours.explained_variance_ratio_, ref.explained_variance_ratio_, rtol=1e-6)
+        np.testing.assert_allclose(ours.singular_values_, ref.singular_values_, rtol=1e-6)
+        _same_up_to_sign(ours.components_, ref.components_, atol=1e-6)
+        np.testing.assert_allclose(ours.noise_variance_, ref.noise_variance_, rtol=1e-6)

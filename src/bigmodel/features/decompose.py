@@ -17,7 +17,7 @@ from torch import nn
 
 from bigmodel.features.base import Estimator, same_kind, to_tensor
 
-SOLVERS = ("auto", "full", "randomized")
+SOLVERS = ("auto", "full", "covariance_eigh", "randomized")
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -176,18 +176,28 @@ class PCA(_Projection):
             raise ValueError(f"svd_solver={self.svd_solver!r} is invalid: expected {' | '.join(SOLVERS)}")
         want = _n_components(self.n_components, n, d, "n_components")
         solver = self.svd_solver
-        if solver == "auto":  # scikit-learn's rule
-            solver = "randomized" if max(n, d) > 500 and isinstance(want, int) and want < 0.8 * min(n, d) else "full"
+        if solver == "auto":  # scikit-learn's rule (1.5+)
+            if d <= 1000 and n >= 10 * d:
+                solver = "covariance_eigh"
+            elif max(n, d) > 500 and isinstance(want, int) and want < 0.8 * min(n, d):
+                solver = "randomized"
+            else:
+                solver = "full"
         mean = t.mean(dim=0)
-        xc = t - mean
+        xc = t - mean if solver != "covariance_eigh" else t  # the covariance solver never needs the copy
         if solver == "full":
             _, S, Vt = torch.linalg.svd(xc, full_matrices=False)
             total = (S**2).sum() / (n - 1)
+        elif solver == "covariance_eigh":  # one pass over X: eigenvectors of the (d, d) covariance
+            evals, evecs = torch.linalg.eigh(t.t() @ t - n * torch.outer(mean, mean))
+            evals, Vt = evals.flip(0).clamp(min=0), evecs.flip(1).t()  # descending
+            S = (evals).sqrt()
+            total = evals.sum() / (n - 1)
         else:
             if not isinstance(want, int):
                 raise ValueError("svd_solver='randomized' needs an integer n_components")
             _, S, Vt = randomized_svd(xc, want, self.n_oversamples, self.iterated_power, self.random_state)
-            total = (xc**2).sum() / (n - 1)
+            total = torch.linalg.vector_norm(xc) ** 2 / (n - 1)
         Vt, _ = flip_signs(Vt)
         variance = S**2 / (n - 1)
         ratio = variance / total
