@@ -412,9 +412,7 @@ def cast_for_inference(model: GPT, dtype: str = "auto") -> GPT:
     from bigmodel import hardware
 
     if dtype == "auto":
-        device = model.transformer.wte.weight.device
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else hardware.cpu_has_bf16()
-        dtype = "bf16" if native else "fp32"
+        dtype = "bf16" if hardware.native_bf16(model.transformer.wte.weight.device) else "fp32"
     if dtype == "fp32":
         return model.float()
     if dtype == "bf16":

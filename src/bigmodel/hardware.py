@@ -26,11 +26,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """bf16 matmul in hardware: GPUs that support it, CPUs with AVX512-BF16 or AMX."""
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `train.precision` (auto | bf16 | fp32); None means plain fp32."""
     if precision == "fp32":
         return None
-    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    supported = native_bf16(device)
     if precision == "bf16" and not supported and device.type == "cuda":
         raise UserError("train.precision=bf16 is not supported by this GPU; use fp32")
     if precision == "bf16":

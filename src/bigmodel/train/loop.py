@@ -235,7 +235,7 @@ def train(
         return TrainResult(out, step, tokens, loss, None, stop_reason, time.time() - t_start)
 
     # --- the end: last checkpoint, final evaluation, export, plot ---
-    if not (out / "checkpoints" / f"step-{step:07d}").exists():
+    if not checkpoint.step_dir(out / "checkpoints", step).exists():
         save(step)
     result_val = evaluate(model, val, autocast_dtype=amp) if val is not None else None
     if result_val is not None:
