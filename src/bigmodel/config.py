@@ -109,6 +109,7 @@ class RunConfig:
     """Everything that defines a training run; written as config.toml into the run and its checkpoints."""
 
     preset: str = "small"
+    task: str = "lm"  # what the loop trains: a key of bigmodel.tasks.TASKS
     model: GPTConfig = field(default_factory=GPTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -221,6 +222,7 @@ def resolve_config(
     preset: str | None = None,
     toml_path: str | Path | None = None,
     overrides: list[str] | None = None,
+    task: str | None = None,
 ) -> RunConfig:
     """Build a validated RunConfig: preset, then the TOML file, then `key=value` overrides."""
     raw: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
@@ -240,7 +242,7 @@ def resolve_config(
         for k, v in values.items():
             _set(raw, f"{section}.{k}", v)
     for top, values in file_data.items():
-        if top == "preset":
+        if top in ("preset", "task"):
             continue
         if top not in ("model", "train") or not isinstance(values, dict):
             raise ConfigError(f"unknown table [{top}] in {toml_path}; expected [model] and [train]")
@@ -249,7 +251,12 @@ def resolve_config(
     for text in overrides or []:
         key, value = parse_override(text)
         _set(raw, key, value)
-    return RunConfig(preset=name, model=GPTConfig(**raw["model"]), train=TrainConfig(**raw["train"]))
+    return RunConfig(
+        preset=name,
+        task=str(task or file_data.get("task") or "lm"),
+        model=GPTConfig(**raw["model"]),
+        train=TrainConfig(**raw["train"]),
+    )
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
@@ -260,6 +267,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
             _set(raw, f"{section}.{k}", v)
     return RunConfig(
         preset=str(data.get("preset", "small")),
+        task=str(data.get("task", "lm")),
         model=GPTConfig(**raw["model"]),
         train=TrainConfig(**raw["train"]),
     )
@@ -271,7 +279,7 @@ def load_toml(path: str | Path) -> RunConfig:
 
 def to_toml(config: RunConfig) -> str:
     """Serialise as TOML (None values are omitted: TOML has no null, and None is every such field's default)."""
-    lines = [f"preset = {json.dumps(config.preset)}"]
+    lines = [f"preset = {json.dumps(config.preset)}", f"task = {json.dumps(config.task)}"]
     for section in ("model", "train"):
         lines += ["", f"[{section}]"]
         for k, v in dataclasses.asdict(getattr(config, section)).items():
