@@ -14,7 +14,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from bigmodel.errors import UserError
 
@@ -32,6 +32,8 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 class GPTConfig:
     """GPT-2 architecture hyper-parameters (field names follow nanoGPT; HF names are mapped in models/hf.py)."""
 
+    arch: ClassVar[str] = "gpt"
+    default_task: ClassVar[str] = "lm"
     vocab_size: int | None = None  # None: taken from the data's tokenizer at train time
     block_size: int = 256  # context length in tokens
     n_layer: int = 6
@@ -54,6 +56,226 @@ class GPTConfig:
             f"a multiple of model.n_head={self.n_head}",
         )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a float in [0, 1)")
+
+
+# ----- model families other than GPT (models/<arch>.py); `model.arch` picks one --------------------------
+
+CONNECTIONS = ("dense", "second-order", "interactive", "sparse")
+ACTIVATIONS = ("relu", "gelu", "tanh")
+MERGES = ("concat", "sum", "attention")
+
+
+def _check_sizes(config: Any, *names: str) -> None:
+    """Range checks shared by the families: sizes >= 1 (None = taken from the data), dropout in [0, 1)."""
+    for name in names:
+        value = getattr(config, name)
+        if name == "dropout":
+            _check(0.0 <= value < 1.0, f"model.{name}", value, "a float in [0, 1)")
+        elif value is not None:
+            _check(value >= 1, f"model.{name}", value, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class MLPConfig:
+    """Feature-vector classifier whose hidden layers use one connection pattern (see nn/connections.py).
+
+    `connection`: dense (m x k), second-order (pairwise products; `rank` 0 = the full m*k*k form, r >= 1 = the
+    factorized m*k*r form), interactive (`groups` blocks, `mix` = learned mixing between them) or sparse
+    (a fixed random mask keeping `density` of the m*k connections).
+    """
+
+    arch: ClassVar[str] = "mlp"
+    default_task: ClassVar[str] = "classify"
+    in_features: int | None = None  # m: from the data
+    n_classes: int | None = None  # from the data's labels
+    hidden: int = 64  # k: width of each hidden layer
+    n_hidden: int = 1  # hidden layers; 0 = a linear (softmax regression) classifier
+    connection: str = "dense"
+    rank: int = 0  # second-order: 0 = full form, r >= 1 = factorized form of rank r
+    groups: int = 4  # interactive: number of input/output groups (must divide `hidden`)
+    mix: bool = True  # interactive: learned g x g mixing between the groups
+    density: float = 0.25  # sparse: fraction of connections kept, in (0, 1]
+    activation: str = "relu"
+    dropout: float = 0.0
+    standardize: bool = True  # scale inputs by the training set's mean and std (stored in the model)
+
+    def __post_init__(self) -> None:
+        _check_sizes(self, "in_features", "hidden", "groups", "dropout")
+        _check(self.n_hidden >= 0, "model.n_hidden", self.n_hidden, "an integer >= 0")
+        _check(self.rank >= 0, "model.rank", self.rank, "an integer >= 0 (0 = full second-order form)")
+        _check(self.connection in CONNECTIONS, "model.connection", self.connection, " | ".join(CONNECTIONS))
+        _check(self.activation in ACTIVATIONS, "model.activation", self.activation, " | ".join(ACTIVATIONS))
+        _check(0.0 < self.density <= 1.0, "model.density", self.density, "a float in (0, 1]")
+        if self.connection == "interactive":
+            allowed = f"a multiple of model.groups={self.groups}"
+            _check(self.hidden % self.groups == 0, "model.hidden", self.hidden, allowed)
+        if self.n_classes is not None:
+            _check(self.n_classes >= 2, "model.n_classes", self.n_classes, "an integer >= 2")
+
+
+@dataclass(kw_only=True)
+class MultiInputConfig:
+    """Several inputs of one kind, one shared feature extractor applied to each, merged features -> a head."""
+
+    arch: ClassVar[str] = "multi-input"
+    default_task: ClassVar[str] = "classify"
+    n_inputs: int | None = None  # inputs per example: from a 3-D array (N, n_inputs, m), or splits 2-D columns
+    in_features: int | None = None  # m: features per input (from the data)
+    n_classes: int | None = None
+    extractor_hidden: int = 32  # the extractor: m -> extractor_hidden -> features
+    features: int = 16  # d: extracted features per input
+    merge: str = "concat"  # concat (n * d) | sum (d) | attention (learned attention pooling, d)
+    shared: bool = True  # one extractor for every input; false = one per input (n times the parameters)
+    hidden: int = 32  # head hidden width; 0 = a linear head
+    activation: str = "relu"
+    dropout: float = 0.0
+    standardize: bool = True
+
+    def __post_init__(self) -> None:
+        _check_sizes(self, "n_inputs", "in_features", "extractor_hidden", "features", "dropout")
+        _check(self.hidden >= 0, "model.hidden", self.hidden, "an integer >= 0 (0 = linear head)")
+        _check(self.merge in MERGES, "model.merge", self.merge, " | ".join(MERGES))
+        _check(self.activation in ACTIVATIONS, "model.activation", self.activation, " | ".join(ACTIVATIONS))
+        if self.n_classes is not None:
+            _check(self.n_classes >= 2, "model.n_classes", self.n_classes, "an integer >= 2")
+
+
+@dataclass(kw_only=True)
+class Seq2SeqConfig:
+    """Encoder-decoder Transformer (pre-norm, sinusoidal positions, self- and cross-attention) over bytes."""
+
+    arch: ClassVar[str] = "seq2seq"
+    default_task: ClassVar[str] = "seq2seq"
+    vocab_size: int | None = None  # from the tokenizer (bytes + end/start/pad tokens)
+    max_source_len: int = 64  # longer sources are refused by the data loader, naming the line
+    max_target_len: int = 32
+    n_encoder_layer: int = 2
+    n_decoder_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    d_ff: int = 512  # feed-forward hidden width
+    dropout: float = 0.1
+    tie_embeddings: bool = True  # source and target embeddings and the output projection are one matrix
+    num_beams: int = 1  # decoding for evaluation: 1 = greedy, > 1 = beam search
+
+    def __post_init__(self) -> None:
+        _check_sizes(self, "max_source_len", "max_target_len", "n_encoder_layer", "n_decoder_layer", "n_head")
+        _check_sizes(self, "n_embd", "d_ff", "dropout", "num_beams")
+        if self.vocab_size is not None:
+            _check(self.vocab_size >= 4, "model.vocab_size", self.vocab_size, "an integer >= 4")
+        _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd, f"a multiple of model.n_head={self.n_head}")
+
+
+RNN_CELLS = ("gru", "lstm")
+RNN_ATTENTIONS = ("bahdanau", "luong")
+
+
+@dataclass(kw_only=True)
+class RNNSeq2SeqConfig:
+    """GRU/LSTM encoder-decoder with additive (Bahdanau) or multiplicative (Luong) attention, over bytes."""
+
+    arch: ClassVar[str] = "rnn-seq2seq"
+    default_task: ClassVar[str] = "seq2seq"
+    vocab_size: int | None = None
+    max_source_len: int = 64
+    max_target_len: int = 32
+    cell: str = "gru"
+    attention: str = "bahdanau"
+    n_embd: int = 64
+    hidden: int = 128  # decoder state width; the bidirectional encoder has hidden / 2 per direction
+    n_layer: int = 1
+    dropout: float = 0.1
+    tie_embeddings: bool = True
+    num_beams: int = 1
+
+    def __post_init__(self) -> None:
+        _check_sizes(self, "max_source_len", "max_target_len", "n_embd", "hidden", "n_layer", "dropout", "num_beams")
+        if self.vocab_size is not None:
+            _check(self.vocab_size >= 4, "model.vocab_size", self.vocab_size, "an integer >= 4")
+        _check(self.cell in RNN_CELLS, "model.cell", self.cell, " | ".join(RNN_CELLS))
+        _check(self.attention in RNN_ATTENTIONS, "model.attention", self.attention, " | ".join(RNN_ATTENTIONS))
+        _check(self.hidden % 2 == 0, "model.hidden", self.hidden, "an even integer (two encoder directions)")
+
+
+@dataclass(kw_only=True)
+class EncoderConfig:
+    """BERT-style Transformer encoder: masked-language-model pretraining, or a classifier (n_classes set)."""
+
+    arch: ClassVar[str] = "encoder"
+    default_task: ClassVar[str] = "mlm"
+    vocab_size: int | None = None  # from the tokenizer (+ the mask and pad tokens)
+    block_size: int = 128  # longest input in tokens
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    d_ff: int = 512
+    dropout: float = 0.1
+    n_classes: int | None = None  # set by the classify task; None = the masked-LM head
+    mask_prob: float = 0.15  # mlm: fraction of tokens to predict (80% [MASK], 10% random, 10% kept)
+    init_from: str = ""  # classify: a model directory of a pretrained encoder whose trunk to start from
+
+    def __post_init__(self) -> None:
+        _check_sizes(self, "block_size", "n_layer", "n_head", "n_embd", "d_ff", "dropout")
+        if self.vocab_size is not None:
+            _check(self.vocab_size >= 4, "model.vocab_size", self.vocab_size, "an integer >= 4")
+        _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd, f"a multiple of model.n_head={self.n_head}")
+        _check(0.0 < self.mask_prob < 1.0, "model.mask_prob", self.mask_prob, "a float in (0, 1)")
+        if self.n_classes is not None:
+            _check(self.n_classes >= 2, "model.n_classes", self.n_classes, "an integer >= 2")
+
+
+SPARSITY = ("l1", "kl", "none")
+
+
+@dataclass(kw_only=True)
+class AutoencoderConfig:
+    """Sparse autoencoder: ReLU code with an L1 activity penalty, or sigmoid code with a KL sparsity target."""
+
+    arch: ClassVar[str] = "autoencoder"
+    default_task: ClassVar[str] = "autoencode"
+    in_features: int | None = None
+    hidden: int = 64  # code width (may exceed in_features: sparsity, not width, limits the code)
+    sparsity: str = "l1"
+    l1: float = 1e-3  # weight of mean |code| in the loss (sparsity = "l1")
+    kl_target: float = 0.05  # target mean activation rho of each code unit (sparsity = "kl")
+    kl_weight: float = 0.1  # weight of sum KL(rho || rho_hat) in the loss (sparsity = "kl")
+    tied: bool = False  # decoder weight = encoder weight transposed (one tensor)
+    standardize: bool = True
+
+    def __post_init__(self) -> None:
+        _check_sizes(self, "in_features", "hidden")
+        _check(self.sparsity in SPARSITY, "model.sparsity", self.sparsity, " | ".join(SPARSITY))
+        _check(self.l1 >= 0, "model.l1", self.l1, "a float >= 0")
+        _check(0.0 < self.kl_target < 1.0, "model.kl_target", self.kl_target, "a float in (0, 1)")
+        _check(self.kl_weight >= 0, "model.kl_weight", self.kl_weight, "a float >= 0")
+
+
+ModelConfig = (
+    GPTConfig | MLPConfig | MultiInputConfig | Seq2SeqConfig | RNNSeq2SeqConfig | EncoderConfig | AutoencoderConfig
+)
+# `model.arch` -> its config class. GPT is the default (language modelling); each task has a default arch.
+MODEL_CONFIGS: dict[str, type[Any]] = {
+    "gpt": GPTConfig,
+    "mlp": MLPConfig,
+    "multi-input": MultiInputConfig,
+    "seq2seq": Seq2SeqConfig,
+    "rnn-seq2seq": RNNSeq2SeqConfig,
+    "encoder": EncoderConfig,
+    "autoencoder": AutoencoderConfig,
+}
+# The archs each task trains; the first is the task's default.
+TASK_ARCHS: dict[str, tuple[str, ...]] = {
+    "lm": ("gpt",),
+    "classify": ("mlp", "multi-input", "encoder"),
+    "seq2seq": ("seq2seq", "rnn-seq2seq"),
+    "mlm": ("encoder",),
+    "autoencode": ("autoencoder",),
+}
+
+
+def arch_of(model: Any) -> str:
+    """The `model.arch` name of a model config instance."""
+    return str(getattr(type(model), "arch", "gpt"))
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -83,6 +305,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 1337
     deterministic: bool = False  # torch deterministic algorithms: bit-equal losses after --resume
+    # --- tasks other than lm (classify, seq2seq, mlm, autoencode) count their batches in examples ---
+    batch_size: int = 64  # global batch: examples per optimizer step (micro_batch examples per forward)
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps", self.max_steps, "an integer >= 1")
@@ -102,6 +326,7 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _check(self.precision in PRECISIONS, "train.precision", self.precision, " | ".join(PRECISIONS))
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
 
 
 @dataclass(kw_only=True)
@@ -110,11 +335,13 @@ class RunConfig:
 
     preset: str = "small"
     task: str = "lm"  # what the loop trains: a key of bigmodel.tasks.TASKS
-    model: GPTConfig = field(default_factory=GPTConfig)
+    model: ModelConfig = field(default_factory=GPTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def grad_accum_steps(self, world_size: int = 1) -> int:
         """Micro-steps per optimizer step so that one step sees `train.batch_tokens` tokens."""
+        if not isinstance(self.model, GPTConfig):
+            return self.example_accum_steps(world_size)
         per_micro = self.train.micro_batch * self.model.block_size * world_size
         if self.train.batch_tokens % per_micro:
             raise ConfigError(
@@ -124,6 +351,28 @@ class RunConfig:
             )
         return self.train.batch_tokens // per_micro
 
+    def example_accum_steps(self, world_size: int = 1) -> int:
+        """Micro-steps per optimizer step so that one step sees `train.batch_size` examples (tasks other than lm)."""
+        per_micro = self.train.micro_batch * world_size
+        if self.train.batch_size % per_micro:
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size} is not a multiple of train.micro_batch * world_size = "
+                f"{per_micro}; set train.batch_size to a multiple of it "
+                f"(e.g. {max(1, round(self.train.batch_size / per_micro)) * per_micro})"
+            )
+        return self.train.batch_size // per_micro
+
+
+# Training defaults shared by the presets of the example-counted tasks (classify, seq2seq, mlm, autoencode).
+_EXAMPLE_TRAIN: dict[str, Any] = dict(
+    warmup_steps=20,
+    batch_size=64,
+    micro_batch=64,
+    eval_every=100,
+    eval_tokens=100_000,  # examples per periodic evaluation: the whole validation set of the built-in data
+    checkpoint_every=0,
+    log_every=10,
+)
 
 # Named model shapes. `tiny` is for tests, `small` is tuned for the 5-minute CPU demo, `gpt2` is GPT-2 124M.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -163,6 +412,32 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": dict(block_size=1024, n_layer=24, n_head=16, n_embd=1024),
         "train": dict(lr=3e-4, warmup_steps=700, batch_tokens=524288, micro_batch=4),
     },
+    # The other model families (docs/zoo.md): each arch's default preset carries its name and trains in a
+    # minute or two on 2 CPU cores (`bigmodel train --preset mlp --data digits --out runs/digits`).
+    "mlp": {
+        "model": dict(arch="mlp", hidden=64, n_hidden=1, connection="dense"),
+        "train": dict(_EXAMPLE_TRAIN, max_steps=600, lr=3e-3, weight_decay=1e-4),
+    },
+    "multi-input": {
+        "model": dict(arch="multi-input", extractor_hidden=32, features=16, merge="concat", hidden=32),
+        "train": dict(_EXAMPLE_TRAIN, max_steps=600, lr=3e-3, weight_decay=1e-4),
+    },
+    "seq2seq": {
+        "model": dict(arch="seq2seq", n_encoder_layer=2, n_decoder_layer=2, n_head=4, n_embd=128, d_ff=512),
+        "train": dict(_EXAMPLE_TRAIN, max_steps=1500, lr=1e-3, warmup_steps=100, eval_every=250, eval_tokens=500),
+    },
+    "rnn-seq2seq": {
+        "model": dict(arch="rnn-seq2seq", cell="gru", attention="bahdanau", n_embd=64, hidden=128),
+        "train": dict(_EXAMPLE_TRAIN, max_steps=1500, lr=3e-3, warmup_steps=50, eval_every=250, eval_tokens=500),
+    },
+    "encoder": {
+        "model": dict(arch="encoder", block_size=128, n_layer=2, n_head=4, n_embd=128, d_ff=512),
+        "train": dict(_EXAMPLE_TRAIN, max_steps=1000, lr=1e-3, warmup_steps=50, batch_size=32, micro_batch=32),
+    },
+    "autoencoder": {
+        "model": dict(arch="autoencoder", hidden=64, sparsity="l1", l1=1e-3),
+        "train": dict(_EXAMPLE_TRAIN, max_steps=1000, lr=3e-3, weight_decay=0.0),
+    },
 }
 
 
@@ -190,19 +465,45 @@ def _coerce(key: str, annotation: str, value: Any) -> Any:
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {annotation}")
 
 
-def _section_fields(section: str) -> dict[str, dataclasses.Field[Any]]:
-    cls = {"model": GPTConfig, "train": TrainConfig}[section]
+def _section_fields(section: str, arch: str = "gpt") -> dict[str, dataclasses.Field[Any]]:
+    cls = MODEL_CONFIGS[arch] if section == "model" else TrainConfig
     return {f.name: f for f in fields(cls)}
 
 
-def _set(raw: dict[str, dict[str, Any]], key: str, value: Any) -> None:
+def _set(raw: dict[str, dict[str, Any]], key: str, value: Any, arch: str = "gpt") -> None:
     section, _, name = key.partition(".")
     if section not in ("model", "train") or not name:
         raise ConfigError(f"unknown config key {key!r}: keys look like model.<field> or train.<field>")
-    known = _section_fields(section)
+    if key == "model.arch":
+        _check(value == arch, key, value, f"{arch!r}, the arch this config was resolved for")
+        return
+    known = _section_fields(section, arch)
     if name not in known:
-        raise ConfigError(f"unknown config key {key!r}; {_close(name, sorted(known))}")
+        where = f" (model.arch={arch!r})" if section == "model" and arch != "gpt" else ""
+        raise ConfigError(f"unknown config key {key!r}{where}; {_close(name, sorted(known))}")
     raw[section][name] = _coerce(key, str(known[name].type), value)
+
+
+def _resolve_arch(task: str | None, arch: Any, preset: str | None) -> tuple[str, str]:
+    """(task, arch): explicit values first, then the preset's arch, then each one's default for the other."""
+    if arch is None and preset in PRESETS:
+        arch = PRESETS[preset]["model"].get("arch")
+    if arch is not None and arch not in MODEL_CONFIGS:
+        raise ConfigError(f"model.arch={arch!r} is invalid: expected one of {', '.join(MODEL_CONFIGS)}")
+    if task is None:
+        task = MODEL_CONFIGS[arch].default_task if arch is not None else "lm"
+    if task not in TASK_ARCHS:
+        raise ConfigError(f"unknown task {task!r}; {_close(task, sorted(TASK_ARCHS))}")
+    arch = arch or TASK_ARCHS[task][0]
+    if arch not in TASK_ARCHS[task]:
+        raise ConfigError(
+            f"model.arch={arch!r} cannot be trained on task {task!r}; it trains {', '.join(TASK_ARCHS[task])}"
+        )
+    return task, str(arch)
+
+
+def _default_preset(arch: str) -> str:
+    return "small" if arch == "gpt" else arch
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -224,7 +525,12 @@ def resolve_config(
     overrides: list[str] | None = None,
     task: str | None = None,
 ) -> RunConfig:
-    """Build a validated RunConfig: preset, then the TOML file, then `key=value` overrides."""
+    """Build a validated RunConfig: preset, then the TOML file, then `key=value` overrides.
+
+    The task and the model family (`model.arch`) are settled first, since the arch decides which
+    `model.*` keys exist: an explicit task or arch wins, else the preset's arch, else task `lm` with GPT.
+    Without a preset, a GPT uses `small` and every other arch the preset named after it.
+    """
     raw: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
     file_data: dict[str, Any] = {}
     if toml_path is not None:
@@ -235,40 +541,50 @@ def resolve_config(
             file_data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-    name = preset or file_data.get("preset") or "small"
-    if name not in PRESETS:
+    for top, values in file_data.items():
+        if top not in ("preset", "task") and (top not in ("model", "train") or not isinstance(values, dict)):
+            raise ConfigError(f"unknown table [{top}] in {toml_path}; expected [model] and [train]")
+    parsed = [parse_override(text) for text in overrides or []]
+    arch = next((v for k, v in reversed(parsed) if k == "model.arch"), file_data.get("model", {}).get("arch"))
+    name = preset or file_data.get("preset")
+    if name is not None and name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; {_close(name, sorted(PRESETS))}")
+    task, arch = _resolve_arch(task or file_data.get("task"), arch, name)
+    name = name or _default_preset(arch)
+    preset_arch = PRESETS[name]["model"].get("arch", "gpt")
+    if preset_arch != arch:
+        raise ConfigError(
+            f"preset {name!r} is for model.arch={preset_arch!r}, not {arch!r}; "
+            f"choose a preset for {arch!r} (e.g. {_default_preset(arch)!r}) or drop the model.arch setting"
+        )
     for section, values in PRESETS[name].items():
         for k, v in values.items():
-            _set(raw, f"{section}.{k}", v)
+            _set(raw, f"{section}.{k}", v, arch)
     for top, values in file_data.items():
-        if top in ("preset", "task"):
-            continue
-        if top not in ("model", "train") or not isinstance(values, dict):
-            raise ConfigError(f"unknown table [{top}] in {toml_path}; expected [model] and [train]")
-        for k, v in values.items():
-            _set(raw, f"{top}.{k}", v)
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set(raw, key, value)
+        if top in ("model", "train"):
+            for k, v in values.items():
+                _set(raw, f"{top}.{k}", v, arch)
+    for key, value in parsed:
+        _set(raw, key, value, arch)
     return RunConfig(
         preset=name,
-        task=str(task or file_data.get("task") or "lm"),
-        model=GPTConfig(**raw["model"]),
+        task=task,
+        model=MODEL_CONFIGS[arch](**raw["model"]),
         train=TrainConfig(**raw["train"]),
     )
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from its dict form (e.g. a parsed config.toml)."""
+    task, arch = _resolve_arch(data.get("task"), data.get("model", {}).get("arch"), None)
     raw: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
     for section in ("model", "train"):
         for k, v in data.get(section, {}).items():
-            _set(raw, f"{section}.{k}", v)
+            _set(raw, f"{section}.{k}", v, arch)
     return RunConfig(
-        preset=str(data.get("preset", "small")),
-        task=str(data.get("task", "lm")),
-        model=GPTConfig(**raw["model"]),
+        preset=str(data.get("preset", _default_preset(arch))),
+        task=task,
+        model=MODEL_CONFIGS[arch](**raw["model"]),
         train=TrainConfig(**raw["train"]),
     )
 
@@ -282,6 +598,8 @@ def to_toml(config: RunConfig) -> str:
     lines = [f"preset = {json.dumps(config.preset)}", f"task = {json.dumps(config.task)}"]
     for section in ("model", "train"):
         lines += ["", f"[{section}]"]
+        if section == "model":
+            lines.append(f"arch = {json.dumps(arch_of(config.model))}")
         for k, v in dataclasses.asdict(getattr(config, section)).items():
             if v is None:
                 continue
@@ -294,7 +612,9 @@ def to_toml(config: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def diff_configs(a: GPTConfig | TrainConfig, b: GPTConfig | TrainConfig, prefix: str) -> list[str]:
-    """Fields that differ, as 'prefix.field: a -> b' strings."""
+def diff_configs(a: ModelConfig | TrainConfig, b: ModelConfig | TrainConfig, prefix: str) -> list[str]:
+    """Fields that differ, as 'prefix.field: a -> b' strings (a different model family is one difference)."""
+    if type(a) is not type(b):
+        return [f"{prefix}.arch: {arch_of(a)!r} -> {arch_of(b)!r}"]
     da, db = dataclasses.asdict(a), dataclasses.asdict(b)
     return [f"{prefix}.{k}: {da[k]!r} -> {db[k]!r}" for k in da if da[k] != db[k]]
