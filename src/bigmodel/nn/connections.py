@@ -116,9 +116,9 @@ class Interactive(nn.Module):
             raise ValueError(f"Interactive: groups={groups} is more than the m={m} inputs")
         self.m, self.k, self.groups = m, k, groups
         self.sizes = [len(part) for part in torch.arange(m).tensor_split(groups)]  # as even as possible
-        self.l = k // groups
+        self.width = k // groups
         self.weights = nn.ParameterList(
-            [nn.Parameter(torch.empty(self.l, size).uniform_(-1, 1) / math.sqrt(size)) for size in self.sizes]
+            [nn.Parameter(torch.empty(self.width, size).uniform_(-1, 1) / math.sqrt(size)) for size in self.sizes]
         )
         self.bias = nn.Parameter(torch.zeros(k)) if bias else None
         self.mix = nn.Parameter(torch.eye(groups)) if mix else None
