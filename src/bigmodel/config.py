@@ -147,7 +147,7 @@ class Seq2SeqConfig:
     arch: ClassVar[str] = "seq2seq"
     default_task: ClassVar[str] = "seq2seq"
     vocab_size: int | None = None  # from the tokenizer (bytes + end/start/pad tokens)
-    max_source_len: int = 64  # longer sources are refused by the data loader, naming the line
+    max_source_len: int = 96  # in bytes; longer sources are refused by the data loader, naming the pair
     max_target_len: int = 32
     n_encoder_layer: int = 2
     n_decoder_layer: int = 2
@@ -177,7 +177,7 @@ class RNNSeq2SeqConfig:
     arch: ClassVar[str] = "rnn-seq2seq"
     default_task: ClassVar[str] = "seq2seq"
     vocab_size: int | None = None
-    max_source_len: int = 64
+    max_source_len: int = 96
     max_target_len: int = 32
     cell: str = "gru"
     attention: str = "bahdanau"

@@ -146,15 +146,17 @@ class Seq2SeqTransformer(PretrainedModel):
         self.ln_dec = nn.LayerNorm(c.n_embd)
         self.lm_head = nn.Linear(c.n_embd, V, bias=False)
         self.apply(self._init)
+        for embed in (self.src_embed, self.tgt_embed):  # x sqrt(C) in _embed: unit scale, like the positions
+            nn.init.normal_(embed.weight, std=c.n_embd**-0.5)
         if c.tie_embeddings:
             self.lm_head.weight = self.tgt_embed.weight  # one V x C matrix for all three
 
     @staticmethod
     def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Linear):  # Glorot, as torch.nn.Transformer: attention is not starved at the start
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     @property
     def decoder_blocks(self) -> list[DecoderBlock]:
