@@ -57,11 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
-        help="train a GPT on a data directory",
+        help="train a model on a data directory (one process, or every rank under torchrun)",
         formatter_class=fmt,
         epilog="example:\n  bigmodel train --data data/shakespeare --out runs/s1 --preset small "
         "--set train.max_minutes=5\n  bigmodel train --data data/shakespeare --out runs/s1 "
-        "--resume auto",
+        "--resume auto\n  torchrun --nproc-per-node 2 -m bigmodel train --data data/shakespeare --out runs/s2 "
+        "--set train.parallel=fsdp",
     )
     t.add_argument("--data", required=True, help="data directory from `bigmodel prepare`")
     t.add_argument("--out", required=True, help="run directory")
@@ -75,6 +76,23 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set train.lr=3e-4 (repeatable)",
     )
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint or PATH")
+    t.add_argument("--task", help="what to train (default lm, or the config's `task`)")
+
+    pl = sub.add_parser(
+        "plan",
+        help="memory per rank for DDP and FSDP, before you launch",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel plan --preset gpt2 --world-size 8 --memory 80GiB\n"
+        "  bigmodel plan --config my.toml --world-size 2 --set train.micro_batch=4",
+    )
+    pl.add_argument("--preset", help="named model + training shape (default small)")
+    pl.add_argument("--config", help="TOML file with [model] and [train] tables")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    pl.add_argument("--world-size", type=_positive_int, default=1, help="number of ranks (default 1)")
+    pl.add_argument("--memory", help="memory per rank to check against, e.g. 80GiB")
+    pl.add_argument(
+        "--vocab-size", type=_positive_int, default=50257, help="vocabulary when the config leaves it to the data"
+    )
 
     e = sub.add_parser(
         "eval",
@@ -188,10 +206,10 @@ def _runner(verb: str) -> Callable[[Any], int]:
         from bigmodel.convert import run_export, run_import
 
         return run_export if verb == "export" else run_import
-    if verb in ("export", "import"):
-        from bigmodel.convert import run_export, run_import
+    if verb == "plan":
+        from bigmodel.train.plan import run_plan
 
-        return run_export if verb == "export" else run_import
+        return run_plan
     if verb == "features":
         from bigmodel.features.store import run_features
 

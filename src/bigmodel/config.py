@@ -57,6 +57,8 @@ class GPTConfig:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+NONFINITE = ("skip", "stop", "rollback")
 
 
 @dataclass(kw_only=True)
@@ -83,6 +85,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 1337
     deterministic: bool = False  # torch deterministic algorithms: bit-equal losses after --resume
+    # --- scale-out and guards (train/distributed.py, train/guards.py) ---
+    parallel: str = "auto"  # under torchrun: ddp | fsdp (auto = ddp); one process is never wrapped
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    on_nonfinite: str = "skip"  # NaN/inf loss or gradient norm: skip the update | stop | rollback to a checkpoint
+    max_nonfinite_in_row: int = 5  # this many non-finite steps in a row stop the run whatever the policy
+    spike_factor: float = 3.0  # log a loss spike when the loss exceeds this x the running median; 0 = off
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps", self.max_steps, "an integer >= 1")
@@ -99,9 +107,13 @@ class TrainConfig:
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
         _check(self.eval_tokens >= 1, "train.eval_tokens", self.eval_tokens, "an integer >= 1")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "an integer >= 0")
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _check(self.keep_checkpoints >= 2, "train.keep_checkpoints", self.keep_checkpoints, "an integer >= 2")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _check(self.precision in PRECISIONS, "train.precision", self.precision, " | ".join(PRECISIONS))
+        _check(self.parallel in PARALLEL, "train.parallel", self.parallel, " | ".join(PARALLEL))
+        _check(self.on_nonfinite in NONFINITE, "train.on_nonfinite", self.on_nonfinite, " | ".join(NONFINITE))
+        _check(self.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row", self.max_nonfinite_in_row, ">= 1")
+        _check(self.spike_factor == 0 or self.spike_factor > 1, "train.spike_factor", self.spike_factor, "0 or > 1")
 
 
 @dataclass(kw_only=True)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from bigmodel.config import GPTConfig
@@ -78,6 +79,7 @@ class GPT(nn.Module):
         if config.vocab_size is None:
             raise ValueError("GPTConfig.vocab_size is None: set it to the tokenizer's vocabulary size")
         self.config = config
+        self.activation_checkpointing = False  # recompute each block's activations in backward (train only)
         self.transformer = Transformer(config, config.vocab_size)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, saved once
@@ -95,10 +97,19 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks (FSDP shards, and activation checkpointing recomputes, one at a time)."""
+        return list(self.transformer.h)
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights once); by default without position embeddings, as GPT-2 reports."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 * parameters for the matmuls + attention's 12 * L * T * C (PaLM app. B)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.block_size * c.n_embd
 
     def forward(
         self,
@@ -126,8 +137,12 @@ class GPT(nn.Module):
             position_ids = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         t = self.transformer
         x = t.drop(t.wte(idx) + t.wpe(position_ids))  # (B, T, C)
+        recompute = self.activation_checkpointing and self.training and cache is None
         for i, block in enumerate(t.h):
-            x = block(x, cache, i, attn_mask)
+            if recompute:  # keep only the block's input; its activations are recomputed during backward
+                x = torch.utils.checkpoint.checkpoint(block, x, None, i, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cache, i, attn_mask)
         if cache is not None:
             cache.advance(T)
         x = t.ln_f(x)

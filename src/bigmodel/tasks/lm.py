@@ -84,10 +84,8 @@ class LMTask(Task):
         return data_fingerprint(self.shards.manifest)
 
     def flops_per_unit(self, model: nn.Module) -> float:
-        """6 * parameters for the matmuls + attention's 12 * L * T * C (PaLM appendix B)."""
         assert isinstance(model, GPT)
-        c = model.config
-        return 6 * model.num_params() + 12 * c.n_layer * c.block_size * c.n_embd
+        return model.flops_per_token()
 
     def has_validation(self) -> bool:
         return self.val is not None
