@@ -182,13 +182,13 @@ def load_checkpoint(
     state = read_state(path)
     msd, osd = get_state_dict(model, optimizer)
     loaded = {"model": msd, "optim": osd}
-    with _quiet_single_process():
-        dcp.load(
-            loaded,
-            storage_reader=_SafeReader(path / "trainer_state" / "dcp"),
-            planner=_SafeLoadPlanner(),
-            no_dist=not ctx.active,
-        )
+    reader = _SafeReader(path / "trainer_state" / "dcp")
+    reader.read_metadata()  # refuses a tampered metadata file here, with our message, before DCP reads it
+    try:
+        with _quiet_single_process():
+            dcp.load(loaded, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=not ctx.active)
+    except dcp.api.CheckpointException as e:
+        raise UserError(f"could not read the training state of {path}: {_reason(e)}") from e
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     rng_file = path / "trainer_state" / f"rank-{ctx.rank:05d}.safetensors"
     saved_world = int(state.get("world_size", 1))

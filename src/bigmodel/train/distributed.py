@@ -111,7 +111,8 @@ def wrap_model(model: nn.Module, strategy: str, ctx: Distributed, amp: torch.dty
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # gradients live in DDP's all-reduce buckets instead of beside them: one copy, not two
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()

@@ -66,7 +66,7 @@ def _finite(x: float) -> bool:
 
 
 class SpikeDetector:
-    """Flags a loss above `factor` x the median of the last `window` losses (after `window // 2` steps)."""
+    """Flags a loss above `factor` x the median of the last `window` losses (once 10 are known)."""
 
     def __init__(self, factor: float, window: int = 100) -> None:
         self.factor = factor
@@ -75,7 +75,7 @@ class SpikeDetector:
     def update(self, loss: float) -> bool:
         spike = (
             self.factor > 0
-            and len(self.recent) >= max(1, (self.recent.maxlen or 1) // 2)
+            and len(self.recent) >= min(10, self.recent.maxlen or 10)
             and loss > self.factor * statistics.median(self.recent)
         )
         if _finite(loss):

@@ -211,7 +211,9 @@ def _train(
             action = nonfinite.check(step + 1, loss, grad_norm)
             if action == "rollback":
                 optimizer.zero_grad(set_to_none=True)
+                counts = nonfinite.state_dict()  # the checkpoint's counters predate this bad step
                 _rollback(out, restore, stream, step + 1, say)
+                nonfinite.load_state_dict(counts)
                 if log is not None:
                     log.rewind(step)
                 units_last = units
