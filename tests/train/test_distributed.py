@@ -104,9 +104,7 @@ def _cut_after(run: Path, step: int, to: Path) -> Path:
     return to
 
 
-def test_fsdp_checkpoint_resumes_on_one_rank_and_on_ddp(
-    runs: dict[str, Path], bpe_data: Path, tmp_path: Path
-) -> None:
+def test_fsdp_checkpoint_resumes_on_one_rank_and_on_ddp(runs: dict[str, Path], bpe_data: Path, tmp_path: Path) -> None:
     want = losses(runs["fsdp"])
     on_ddp = _cut_after(runs["fsdp"], 4, tmp_path / "on-ddp")
     p = _start(_cmd(bpe_data, on_ddp, "train.parallel=ddp", "train.activation_checkpointing=true", resume=True))

@@ -145,7 +145,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(bpe_data: Path, tmp_path: Path) 
     run = tmp_path / "run"
     sets = [a for s in [*BASE, "train.max_steps=100000", "train.checkpoint_every=0"] for a in ("--set", s)]
     cmd = [sys.executable, "-m", "bigmodel", "train", "--data", str(bpe_data), "--out", str(run), "--preset", "tiny"]
-    p = subprocess.Popen([*cmd, *sets], stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, **SUBPROCESS_ENV})
+    env = {**os.environ, **SUBPROCESS_ENV}
+    p = subprocess.Popen([*cmd, *sets], stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     deadline = time.time() + 60
     while time.time() < deadline and (not (run / "metrics.csv").exists() or len(rows(run)) < 3):
         time.sleep(0.2)
@@ -169,8 +170,11 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
 
     monkeypatch.setattr(atomic, "write_safetensors", full_disk)
     run = tmp_path / "run"
-    with pytest.raises(UserError, match=r"could not write checkpoint .*step-0000004: No space left on device; "
-                       r"the previous checkpoint step-0000002 is intact"):
+    with pytest.raises(
+        UserError,
+        match=r"could not write checkpoint .*step-0000004: No space left on device; "
+        r"the previous checkpoint step-0000002 is intact",
+    ):
         train(config(), bpe_data, run, progress=False)
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000002"]  # no temporary folder left
     monkeypatch.setattr(atomic, "write_safetensors", real)

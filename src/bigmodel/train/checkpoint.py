@@ -181,7 +181,7 @@ def load_checkpoint(
     ctx = ctx or Distributed()
     state = read_state(path)
     msd, osd = get_state_dict(model, optimizer)
-    loaded = {"model": msd, "optim": osd}
+    loaded: dict[str, Any] = {"model": msd, "optim": osd}
     reader = _SafeReader(path / "trainer_state" / "dcp")
     reader.read_metadata()  # refuses a tampered metadata file here, with our message, before DCP reads it
     try:

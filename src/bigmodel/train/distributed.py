@@ -125,7 +125,7 @@ def wrap_model(model: nn.Module, strategy: str, ctx: Distributed, amp: torch.dty
 def set_gradient_sync(wrapped: nn.Module, strategy: str, enabled: bool) -> None:
     """Skip the gradient all-reduce on accumulation micro-steps; only the last one of a step syncs."""
     if strategy == "ddp":
-        wrapped.require_backward_grad_sync = enabled  # what DDP.no_sync() toggles
+        wrapped.require_backward_grad_sync = enabled  # type: ignore[assignment]  # what DDP.no_sync() toggles
     elif strategy == "fsdp":
         wrapped.set_requires_gradient_sync(enabled)  # type: ignore[operator]
 

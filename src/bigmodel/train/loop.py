@@ -114,7 +114,7 @@ def _train(
     if cfg.activation_checkpointing:
         if not hasattr(model, "activation_checkpointing"):
             raise UserError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
-        model.activation_checkpointing = True
+        model.activation_checkpointing = True  # type: ignore[assignment]
     amp = hardware.autocast_dtype(cfg.precision, device)
     wrapped = wrap_model(model, strategy, ctx, amp)
     optimizer = make_optimizer(model, cfg)  # after sharding: FSDP2 replaces parameters with DTensor shards

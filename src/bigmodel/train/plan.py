@@ -52,16 +52,14 @@ def gpt_param_counts(m: GPTConfig) -> tuple[int, int, int]:
     """(total, per block, root) parameter counts of a GPT, tied embeddings counted once."""
     assert m.vocab_size is not None
     c, b = m.n_embd, int(m.bias)
-    per_block = (2 * c + 2 * b * c) + (3 * c * c + 3 * b * c) + (c * c + b * c) + (4 * c * c + 4 * b * c) + (
-        4 * c * c + b * c
+    per_block = (
+        (2 * c + 2 * b * c) + (3 * c * c + 3 * b * c) + (c * c + b * c) + (4 * c * c + 4 * b * c) + (4 * c * c + b * c)
     )
     root = m.vocab_size * c + m.block_size * c + c + b * c  # wte (tied with lm_head), wpe, ln_f
     return root + m.n_layer * per_block, per_block, root
 
 
-def plan_memory(
-    model: GPTConfig, micro_batch: int, world_size: int, strategy: str, bf16: bool = False
-) -> MemoryPlan:
+def plan_memory(model: GPTConfig, micro_batch: int, world_size: int, strategy: str, bf16: bool = False) -> MemoryPlan:
     """Bytes per rank for training `model` with `micro_batch` sequences per forward/backward."""
     if strategy not in ("ddp", "fsdp"):
         raise UserError(f"strategy {strategy!r}: expected ddp or fsdp")
