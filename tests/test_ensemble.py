@@ -165,6 +165,10 @@ def test_hard_voting_equals_scikit_learn_and_refuses_ties(digits: tuple[np.ndarr
     with pytest.raises(ValueError, match=r"hard voting tied on \d+ of 497 rows.*voting='soft'"):
         EnsembleClassifier(_members()[:4], voting="hard").fit(Xtr, ytr).predict(Xte)  # 4 voters tie 2-2
     assert 0.9 < ours.score(Xte, digits[3]) <= 1.0
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    ref = VotingClassifier(_members()[:3], voting="hard").fit(Xtr, names[ytr])  # string labels
+    ours = EnsembleClassifier(_members()[:3], voting="hard", tie_break="lowest").fit(Xtr, names[ytr])
+    np.testing.assert_array_equal(ours.predict(Xte), ref.predict(Xte))
     with pytest.raises(ValueError, match="predict_proba is not available with voting='hard'"):
         ours.predict_proba(Xte)
 

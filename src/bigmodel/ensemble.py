@@ -289,10 +289,15 @@ class EnsembleClassifier(Estimator):
         self._check_fitted("estimators_")
         if self.voting == "soft":
             return self.classes_[self.predict_proba(X).argmax(axis=1)]
-        preds = np.stack([_numpy(e.predict(X)) for e in self.estimators_])  # (M, N) labels
-        index = np.searchsorted(self.classes_, preds).clip(0, len(self.classes_) - 1)
-        if not np.array_equal(self.classes_[index], preds):
-            raise ValueError("a member predicted a label outside classes_; its predict and classes_ disagree")
+        position = {label: i for i, label in enumerate(self.classes_.tolist())}
+        rows = []
+        for name, est in self.named_estimators_.items():
+            preds = _numpy(est.predict(X)).tolist()
+            unknown = [p for p in preds if p not in position]
+            if unknown:
+                raise ValueError(f"member {name!r} predicted {unknown[0]!r}, which is not in classes_")
+            rows.append([position[p] for p in preds])
+        index = np.array(rows, dtype=np.int64)  # (M, N) positions in classes_
         winner = hard_vote(torch.from_numpy(index), len(self.classes_), self.weights, self.tie_break)
         return self.classes_[winner.numpy()]
 

@@ -73,4 +73,4 @@ def test_gpt_loss_takes_label_smoothing_and_defaults_to_plain_cross_entropy() ->
     _, smooth = model(x, y, label_smoothing=0.1)
     assert smooth is not None
     torch.testing.assert_close(smooth, F.cross_entropy(logits.flatten(0, 1), y.flatten(), label_smoothing=0.1))
-    assert float(smooth) != float(plain)
+    assert float(smooth.detach()) != float(plain.detach())

@@ -174,7 +174,7 @@ def test_penalty_gradients_equal_autograd_of_the_penalty() -> None:
     a.train(False), b.train(False)
     (a(ids).sum() + reg.penalty(a)[0]).backward()
     b(ids).sum().backward()
-    values = reg.add_penalty_gradients(b)
+    values = reg.add_penalty_gradients(b, with_values=True)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, msg=name)
     assert values.keys() == {"l1", "l2"} and values["l2"] == pytest.approx(float(reg.penalty(a)[1]["l2"]))
@@ -284,7 +284,9 @@ def test_dtensor_parameters_of_fully_sharded_modules() -> None:
             x = torch.randn(5, 8)
             sharded(x).sum().backward()
             plain(x).sum().backward()
-            assert reg.add_penalty_gradients(sharded) == pytest.approx(reg.add_penalty_gradients(plain))
+            values = reg.add_penalty_gradients(sharded, with_values=True)
+            assert values == pytest.approx(reg.add_penalty_gradients(plain, with_values=True))
+            assert reg.add_penalty_gradients(nn.Linear(2, 2)) == {}  # values only when asked
             torch.testing.assert_close(sharded[0].weight.grad.full_tensor(), plain[0].weight.grad)
             reg.apply_max_norm(sharded)
             reg.apply_max_norm(plain)

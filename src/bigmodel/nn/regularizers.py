@@ -199,20 +199,23 @@ class Regularizer:
         return total, {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
-    def add_penalty_gradients(self, model: nn.Module) -> dict[str, float]:
-        """Add the penalty's gradient to every selected parameter's `.grad` (after backward, before
-        clipping and optimizer.step()); returns the penalty values for logging ({} when off)."""
+    def add_penalty_gradients(self, model: nn.Module, with_values: bool = False) -> dict[str, float]:
+        """Add the penalty's gradient (l1 * sign(w) + l2 * w) to every selected parameter's `.grad`, after
+        the backward passes and before clipping and optimizer.step().
+
+        With `with_values` it also returns the penalty terms for logging (a host sync, and under FSDP a
+        small all-reduce per parameter: ask on logging steps only, on every rank); otherwise {}.
+        """
         if not self.has_penalty:
             return {}
-        params = [p for _, p in self.parameters(model)]
-        for p in params:
+        for _, p in self.parameters(model):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if self.config.l1 > 0:
                 p.grad.add_(torch.sign(p), alpha=self.config.l1)
             if self.config.l2 > 0:
                 p.grad.add_(p, alpha=self.config.l2)
-        return {k: float(v) for k, v in self.penalty(model)[1].items()}
+        return {k: float(v) for k, v in self.penalty(model)[1].items()} if with_values else {}
 
     @torch.no_grad()
     def apply_max_norm(self, model: nn.Module) -> int:
