@@ -162,8 +162,8 @@ class Regularizer:
 
     `penalty` returns the differentiable total and its parts for logging (kept apart from the data
     loss). `add_penalty_gradients` adds the same gradient (l1 * sign(w) + l2 * w) straight to `.grad`
-    once per optimizer step; it is the form to use under DDP/FSDP and gradient accumulation, where the
-    penalty must count once, not once per rank or micro-batch.
+    once per optimizer step: the form for the training loop, since it counts the penalty once however many
+    micro-batches are accumulated, needs no autograd graph, and works on FSDP2's sharded parameters.
     """
 
     def __init__(self, config: RegularizationConfig) -> None:
