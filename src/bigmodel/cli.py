@@ -172,6 +172,45 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("input", help=".npy or .csv matrix")
     ft.add_argument("--out", required=True, help="where to write the features (.npy)")
 
+    n = sub.add_parser(
+        "ensemble",
+        help="evaluate an ensemble of language models, or average checkpoints into one model",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel ensemble eval runs/a runs/b runs/c --data data/shakespeare\n"
+        "  bigmodel ensemble eval runs/a runs/b --data data/shakespeare --mode logprob --weights 2 1\n"
+        "  bigmodel ensemble average runs/s1 --last 3 --out models/s1-avg",
+    )
+    nsub = n.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ne = nsub.add_parser(
+        "eval",
+        help="held-out loss and bits per byte of each member and of their ensemble",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel ensemble eval runs/a runs/b runs/c --data data/shakespeare",
+    )
+    ne.add_argument("models", nargs="+", metavar="MODEL_OR_RUN", help="model or run directories (same tokenizer)")
+    ne.add_argument("--data", required=True, help="data directory prepared with the models' tokenizer")
+    ne.add_argument("--split", default="val", choices=["val", "train"])
+    ne.add_argument(
+        "--mode",
+        default="prob",
+        choices=["prob", "logprob"],
+        help="average next-token probabilities (default, a mixture) or log-probabilities (renormalised)",
+    )
+    ne.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per model (default equal)")
+    ne.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
+    ne.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast for fp32 weights")
+    ne.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    na = nsub.add_parser(
+        "average",
+        help="uniform average of the weights of a run's last K checkpoints (or of model directories)",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel ensemble average runs/s1 --last 3 --out models/s1-avg\n"
+        "  bigmodel ensemble average runs/s1/checkpoints/step-0000500 runs/s1/final --out models/avg",
+    )
+    na.add_argument("sources", nargs="+", metavar="RUN_OR_DIRS", help="one run directory, or several model directories")
+    na.add_argument("--last", type=_positive_int, default=None, help="average the run's newest K checkpoints")
+    na.add_argument("--out", required=True, help="model directory to write (must not exist or be empty)")
+
     d = sub.add_parser(
         "demo",
         help="prepare -> train -> eval -> generate on built-in Shakespeare",
@@ -214,6 +253,10 @@ def _runner(verb: str) -> Callable[[Any], int]:
         from bigmodel.features.store import run_features
 
         return run_features
+    if verb == "ensemble":
+        from bigmodel.ensemble import run_ensemble
+
+        return run_ensemble
     from bigmodel.demo import run_demo
 
     return run_demo

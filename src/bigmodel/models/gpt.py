@@ -17,6 +17,7 @@ from torch import nn
 
 from bigmodel.config import GPTConfig
 from bigmodel.nn.attention import CausalSelfAttention, KVCache
+from bigmodel.nn.losses import classification_loss
 
 if TYPE_CHECKING:
     from bigmodel.data.tokenizer import Tokenizer
@@ -120,8 +121,12 @@ class GPT(nn.Module):
         last_only: bool = False,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only) and the mean loss.
+
+        `label_smoothing` (training only; see nn/losses.py) spreads that probability mass over the vocabulary
+        in the loss; targets of -1 are padding and ignored.
 
         For batches of padded prompts the generation engine passes `position_ids` (B, T) and a boolean
         `attn_mask` (B, 1, T, cached + T) saying which keys each query may see; otherwise attention is causal.
@@ -151,7 +156,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+            loss = classification_loss(logits, targets, label_smoothing, ignore_index=-1)
         return logits, loss
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
