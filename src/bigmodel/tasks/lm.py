@@ -63,7 +63,8 @@ class LMTask(Task):
         return WindowStream(WindowLoader(self.shards, block, micro_batch, seed, rank, world_size))
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        _, loss = model(batch["input_ids"], batch["labels"])
+        smoothing = self.config.train.label_smoothing  # training only: evaluate() scores unsmoothed
+        _, loss = model(batch["input_ids"], batch["labels"], label_smoothing=smoothing)
         return loss
 
     def evaluate(self, model: nn.Module, *, limit: int | None = None) -> dict[str, float]:

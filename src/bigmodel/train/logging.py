@@ -24,6 +24,9 @@ COLUMNS = [
     "elapsed_s",
     "skipped_steps",  # non-finite steps skipped or rolled back so far
     "loss_spike",  # 1 where the loss exceeded train.spike_factor x the running median
+    "val_metric",  # the task's headline validation metric when it is not the loss (accuracy, exact match, ...)
+    "penalty_l1",  # explicit regularisation terms, logged apart from the data loss
+    "penalty_l2",
 ]
 
 

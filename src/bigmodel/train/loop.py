@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from bigmodel import atomic, hardware
 from bigmodel.config import RunConfig, resolve_config, to_toml
 from bigmodel.errors import UserError
+from bigmodel.nn.regularizers import Regularizer
 from bigmodel.tasks import TASKS, BatchStream, Task
 from bigmodel.train import checkpoint
 from bigmodel.train.distributed import (
@@ -38,6 +40,7 @@ from bigmodel.train.distributed import (
 from bigmodel.train.guards import NonFiniteGuard, SpikeDetector, StopSignals
 from bigmodel.train.logging import MetricsLog, plot_loss
 from bigmodel.train.optim import lr_at, make_optimizer
+from bigmodel.train.selection import EarlyStopping
 
 # Testing hook: SIGKILL this process right after optimizer step N (proves that resume is exact).
 KILL_AT_STEP_ENV = "BIGMODEL_KILL_AT_STEP"
@@ -50,8 +53,9 @@ class TrainResult:
     tokens: int  # units seen (tokens for language models, examples otherwise)
     train_loss: float
     val: dict[str, float] | None
-    stop_reason: str  # max_steps | max_minutes | interrupted | preempted
+    stop_reason: str  # max_steps | max_minutes | early_stopping | interrupted | preempted
     seconds: float
+    detail: str = ""  # why, in words (early stopping: the metric, its best value and step)
 
 
 def _prepare_run_dir(out: Path, resume: str | None) -> Path | None:
@@ -121,6 +125,10 @@ def _train(
     fwd: nn.Module = torch.compile(wrapped) if cfg.compile else wrapped  # type: ignore[assignment]
     nonfinite = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite_in_row)
     spikes = SpikeDetector(cfg.spike_factor)
+    reg = Regularizer.from_train_config(cfg)
+    stopper = EarlyStopping.from_train_config(cfg)
+    if cfg.early_stopping_patience and not task.has_validation():
+        raise UserError("train.early_stopping_patience needs a validation split; prepare the data with one")
     step, units, elapsed_before = 0, 0, 0.0
 
     def restore(path: Path) -> None:
@@ -134,6 +142,8 @@ def _train(
         stream.load_state_dict(state["loader"])
         nonfinite.load_state_dict(state.get("nonfinite", {}))
         spikes.load_state_dict(state.get("spikes", {}))
+        if "early_stopping" in state:
+            stopper.load_state_dict(state["early_stopping"])
         step, units, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
 
     if resume_from is not None:
@@ -162,6 +172,7 @@ def _train(
             "parallel": strategy,
             "nonfinite": nonfinite.state_dict(),
             "spikes": spikes.state_dict(),
+            "early_stopping": stopper.state_dict(),
         }
         export = _consolidated(model, task, strategy, ctx)
         checkpoint.save_checkpoint(
@@ -182,6 +193,8 @@ def _train(
         f"{'bf16 autocast' if amp else 'fp32'}{', activation checkpointing' if cfg.activation_checkpointing else ''}),"
         f" {accum} micro-batch(es) of {cfg.micro_batch} per rank and step"
     )
+    if reg.active:
+        say(reg.describe(model))
     bar = tqdm(
         total=cfg.max_steps,
         initial=step,
@@ -192,7 +205,7 @@ def _train(
         dynamic_ncols=True,
     )
     wrapped.train()
-    stop_reason, loss, t_last, units_last = "max_steps", math.nan, time.time(), units
+    stop_reason, detail, loss, t_last, units_last = "max_steps", "", math.nan, time.time(), units
     with StopSignals() as signals:
         while step < cfg.max_steps:
             elapsed = elapsed_before + time.time() - t_loop
@@ -206,7 +219,10 @@ def _train(
             lr = lr_at(cfg, step, elapsed / budget_s if budget_s else 0.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm, step_units = _step(fwd, model, task, stream, accum, cfg.grad_clip, device, amp, strategy)
+            log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+            loss, grad_norm, step_units, penalties = _step(
+                fwd, model, task, stream, accum, cfg.grad_clip, device, amp, strategy, reg, log_step
+            )
             loss = ctx.sum(loss) / ctx.world_size  # the same value on every rank: they act on it together
             action = nonfinite.check(step + 1, loss, grad_norm)
             if action == "rollback":
@@ -220,6 +236,7 @@ def _train(
                 continue
             if action == "ok":
                 optimizer.step()
+                reg.apply_max_norm(model)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             units += step_units * ctx.world_size
@@ -228,7 +245,7 @@ def _train(
             if spikes.update(loss):
                 say(f"warning: loss spike at step {step}: {loss:.4f} > {cfg.spike_factor} x the running median")
                 row["loss_spike"] = 1
-            if step % cfg.log_every == 0 or step == cfg.max_steps or row:
+            if log_step or row:
                 now = time.time()
                 ups = (units - units_last) / max(now - t_last, 1e-9)
                 t_last, units_last = now, units
@@ -239,16 +256,29 @@ def _train(
                     "tokens_per_s": ups,
                     "mfu": ups * flops / (peak * ctx.world_size),
                     "skipped_steps": nonfinite.total,
+                    **{f"penalty_{k}": v for k, v in penalties.items()},
                 }
                 bar.set_postfix(loss=f"{loss:.3f}", rate=f"{ups:,.0f}", refresh=False)
+            stop_early = False
             if task.has_validation() and cfg.eval_every and step % cfg.eval_every == 0:
-                row["val_loss"] = _evaluate(task, model, device, amp, cfg.eval_tokens)["loss"]
+                metrics = _evaluate(task, model, device, amp, cfg.eval_tokens)
+                row["val_loss"] = metrics["loss"]
+                if task.metric != "loss":
+                    row["val_metric"] = metrics[task.metric]
+                if cfg.early_stopping_patience:
+                    if stopper.update(_selected_metric(metrics, cfg.early_stopping_metric), step):
+                        _save_best(model, task, strategy, ctx, out, step, stopper)
+                    stop_early = stopper.should_stop
             if row and log is not None:
                 log.log({"step": step, "tokens": units, "elapsed_s": elapsed_before + time.time() - t_loop, **row})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save(step)
             if kill_at and step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if stop_early:
+                stop_reason, detail = "early_stopping", stopper.reason
+                say(detail)
+                break
     bar.close()
     train_seconds = elapsed_before + time.time() - t_loop
     if stop_reason in ("interrupted", "preempted"):
@@ -256,6 +286,7 @@ def _train(
         if log is not None:
             log.close()
         say(f"{stop_reason} at step {step}; checkpoint saved, continue with --resume auto")
+        _write_summary(out, ctx, stop_reason, f"stopped by a signal at step {step}", step, units, stopper)
         return TrainResult(out, step, units, loss, None, stop_reason, time.time() - t_start)
 
     # --- the end: last checkpoint, final evaluation, export, plot ---
@@ -275,7 +306,8 @@ def _train(
     if result_val is not None:
         summary += ", " + ", ".join(f"val {k} {v:.4g}" for k, v in result_val.items() if k != task.unit)
     say(f"{summary} ({stop_reason}) -> {out / 'final'}")
-    return TrainResult(out, step, units, loss, result_val, stop_reason, time.time() - t_start)
+    _write_summary(out, ctx, stop_reason, detail, step, units, stopper)
+    return TrainResult(out, step, units, loss, result_val, stop_reason, time.time() - t_start, detail)
 
 
 def _step(
@@ -288,11 +320,14 @@ def _step(
     device: torch.device,
     amp: torch.dtype | None,
     strategy: str,
-) -> tuple[float, float, int]:
-    """Forward/backward over `accum` micro-batches (gradients synced on the last one only).
+    reg: Regularizer | None = None,
+    log_penalty: bool = False,
+) -> tuple[float, float, int, dict[str, float]]:
+    """Forward/backward over `accum` micro-batches (gradients synced on the last one only), then the
+    explicit L1/L2 penalty's gradient once (`reg`), added to the synced gradients.
 
-    Returns (this rank's mean loss, global gradient norm before clipping, units seen by this rank). The
-    caller decides from the loss and norm whether the optimizer may step.
+    Returns (this rank's mean data loss, global gradient norm before clipping, units seen by this rank,
+    the penalty terms when `log_penalty`). The caller decides from the loss and norm whether to step.
     """
     total = torch.zeros((), device=device)
     units = 0
@@ -304,8 +339,9 @@ def _step(
         (loss / accum).backward()
         total += loss.detach()
         units += task.units(batch)
+    penalties = reg.add_penalty_gradients(model, with_values=log_penalty) if reg is not None else {}
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    return (total / accum).item(), full_tensor(norm).item(), units
+    return (total / accum).item(), full_tensor(norm).item(), units, penalties
 
 
 def _evaluate(
@@ -333,6 +369,46 @@ def _consolidated(model: nn.Module, task: Task, strategy: str, ctx: Distributed)
         copy = task.build_model()
     copy.load_state_dict(full)
     return copy
+
+
+def _selected_metric(metrics: dict[str, float], name: str) -> float:
+    """`val_loss` -> metrics["loss"], `val_accuracy` -> metrics["accuracy"], ..."""
+    key = name.removeprefix("val_")
+    if key not in metrics:
+        options = ", ".join(f"val_{k}" for k in metrics)
+        raise UserError(f"train.early_stopping_metric={name!r} is not reported by this task; choose one of {options}")
+    return metrics[key]
+
+
+def _save_best(
+    model: nn.Module, task: Task, strategy: str, ctx: Distributed, out: Path, step: int, stopper: EarlyStopping
+) -> None:
+    """RUN/best/: the model of the best evaluation so far, replaced atomically (folder rename)."""
+    export = _consolidated(model, task, strategy, ctx)
+    if export is None:
+        return
+    tmp, best = out / ".best.tmp", out / "best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    task.save(export, tmp)
+    atomic.write_json(tmp / "selection.json", {"step": step, "metric": stopper.metric, "value": stopper.best})
+    old = out / ".best.old"
+    if best.exists():
+        best.rename(old)
+    tmp.rename(best)
+    shutil.rmtree(old, ignore_errors=True)
+    atomic.fsync_dir(out)
+
+
+def _write_summary(
+    out: Path, ctx: Distributed, reason: str, detail: str, step: int, units: int, stopper: EarlyStopping
+) -> None:
+    """RUN/summary.json: why and where the run stopped, and the best evaluation when selection was on."""
+    if not ctx.is_main:
+        return
+    summary: dict[str, Any] = {"stop_reason": reason, "detail": detail, "steps": step, "units": units}
+    if stopper.best is not None:
+        summary["best"] = {"metric": stopper.metric, "value": stopper.best, "step": stopper.best_step}
+    atomic.write_json(out / "summary.json", summary)
 
 
 def _rollback(out: Path, restore: Any, stream: BatchStream, bad_step: int, say: Any) -> None:
