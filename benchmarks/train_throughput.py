@@ -19,7 +19,6 @@ import torch
 from bigmodel import hardware
 from bigmodel.config import GPTConfig
 from bigmodel.models.gpt import GPT
-from bigmodel.train.loop import flops_per_token
 
 CFG = GPTConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0)
 BATCH = 16
@@ -86,7 +85,7 @@ def main() -> None:
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     tokens = BATCH * CFG.block_size
     ours = GPT(CFG)
-    fpt = flops_per_token(ours)
+    fpt = ours.flops_per_token()
     print(f"config: 6L/6H/384, block 256, batch 16, vocab 8192, {dtype_name}, {torch.get_num_threads()} threads")
     print(
         f"measured matmul peak: {peak / 1e12:.3f} TFLOP/s ({'bf16' if amp else 'fp32'}); "

@@ -57,11 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
-        help="train a GPT on a data directory",
+        help="train a model on a data directory (one process, or every rank under torchrun)",
         formatter_class=fmt,
         epilog="example:\n  bigmodel train --data data/shakespeare --out runs/s1 --preset small "
         "--set train.max_minutes=5\n  bigmodel train --data data/shakespeare --out runs/s1 "
-        "--resume auto",
+        "--resume auto\n  torchrun --nproc-per-node 2 -m bigmodel train --data data/shakespeare --out runs/s2 "
+        "--set train.parallel=fsdp",
     )
     t.add_argument("--data", required=True, help="data directory from `bigmodel prepare`")
     t.add_argument("--out", required=True, help="run directory")
@@ -75,6 +76,23 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set train.lr=3e-4 (repeatable)",
     )
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint or PATH")
+    t.add_argument("--task", help="what to train (default lm, or the config's `task`)")
+
+    pl = sub.add_parser(
+        "plan",
+        help="memory per rank for DDP and FSDP, before you launch",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel plan --preset gpt2 --world-size 8 --memory 80GiB\n"
+        "  bigmodel plan --config my.toml --world-size 2 --set train.micro_batch=4",
+    )
+    pl.add_argument("--preset", help="named model + training shape (default small)")
+    pl.add_argument("--config", help="TOML file with [model] and [train] tables")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    pl.add_argument("--world-size", type=_positive_int, default=1, help="number of ranks (default 1)")
+    pl.add_argument("--memory", help="memory per rank to check against, e.g. 80GiB")
+    pl.add_argument(
+        "--vocab-size", type=_positive_int, default=50257, help="vocabulary when the config leaves it to the data"
+    )
 
     e = sub.add_parser(
         "eval",
@@ -154,6 +172,45 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("input", help=".npy or .csv matrix")
     ft.add_argument("--out", required=True, help="where to write the features (.npy)")
 
+    n = sub.add_parser(
+        "ensemble",
+        help="evaluate an ensemble of language models, or average checkpoints into one model",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel ensemble eval runs/a runs/b runs/c --data data/shakespeare\n"
+        "  bigmodel ensemble eval runs/a runs/b --data data/shakespeare --mode logprob --weights 2 1\n"
+        "  bigmodel ensemble average runs/s1 --last 3 --out models/s1-avg",
+    )
+    nsub = n.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ne = nsub.add_parser(
+        "eval",
+        help="held-out loss and bits per byte of each member and of their ensemble",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel ensemble eval runs/a runs/b runs/c --data data/shakespeare",
+    )
+    ne.add_argument("models", nargs="+", metavar="MODEL_OR_RUN", help="model or run directories (same tokenizer)")
+    ne.add_argument("--data", required=True, help="data directory prepared with the models' tokenizer")
+    ne.add_argument("--split", default="val", choices=["val", "train"])
+    ne.add_argument(
+        "--mode",
+        default="prob",
+        choices=["prob", "logprob"],
+        help="average next-token probabilities (default, a mixture) or log-probabilities (renormalised)",
+    )
+    ne.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per model (default equal)")
+    ne.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
+    ne.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast for fp32 weights")
+    ne.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    na = nsub.add_parser(
+        "average",
+        help="uniform average of the weights of a run's last K checkpoints (or of model directories)",
+        formatter_class=fmt,
+        epilog="example:\n  bigmodel ensemble average runs/s1 --last 3 --out models/s1-avg\n"
+        "  bigmodel ensemble average runs/s1/checkpoints/step-0000500 runs/s1/final --out models/avg",
+    )
+    na.add_argument("sources", nargs="+", metavar="RUN_OR_DIRS", help="one run directory, or several model directories")
+    na.add_argument("--last", type=_positive_int, default=None, help="average the run's newest K checkpoints")
+    na.add_argument("--out", required=True, help="model directory to write (must not exist or be empty)")
+
     d = sub.add_parser(
         "demo",
         help="prepare -> train -> eval -> generate on built-in Shakespeare",
@@ -188,14 +245,18 @@ def _runner(verb: str) -> Callable[[Any], int]:
         from bigmodel.convert import run_export, run_import
 
         return run_export if verb == "export" else run_import
-    if verb in ("export", "import"):
-        from bigmodel.convert import run_export, run_import
+    if verb == "plan":
+        from bigmodel.train.plan import run_plan
 
-        return run_export if verb == "export" else run_import
+        return run_plan
     if verb == "features":
         from bigmodel.features.store import run_features
 
         return run_features
+    if verb == "ensemble":
+        from bigmodel.ensemble import run_ensemble
+
+        return run_ensemble
     from bigmodel.demo import run_demo
 
     return run_demo

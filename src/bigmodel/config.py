@@ -279,6 +279,61 @@ def arch_of(model: Any) -> str:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+NONFINITE = ("skip", "stop", "rollback")
+
+# Parameter kinds a regulariser can select (see nn/regularizers.py: `parameter_kind`).
+PARAM_KINDS = ("matrix", "embedding", "norm", "bias", "other")
+EARLY_STOPPING_MODES = ("auto", "min", "max")
+
+
+def _check_regularization(
+    prefix: str,
+    l1: float,
+    l2: float,
+    max_norm: float,
+    max_norm_dim: int,
+    kinds: list[str],
+    include: list[str],
+    exclude: list[str],
+    names: tuple[str, str, str] = ("kinds", "include", "exclude"),
+) -> None:
+    """One validation for RegularizationConfig and the matching TrainConfig fields (named with `prefix`)."""
+    _check(l1 >= 0 and math.isfinite(l1), f"{prefix}l1", l1, "a finite float >= 0 (0 = off)")
+    _check(l2 >= 0 and math.isfinite(l2), f"{prefix}l2", l2, "a finite float >= 0 (0 = off)")
+    _check(max_norm >= 0 and math.isfinite(max_norm), f"{prefix}max_norm", max_norm, "a finite float >= 0 (0 = off)")
+    _check(max_norm_dim in (0, 1), f"{prefix}max_norm_dim", max_norm_dim, "0 (rows) or 1 (columns)")
+    bad = [k for k in kinds if k not in PARAM_KINDS]
+    _check(not bad, f"{prefix}{names[0]}", kinds, f"a list of {', '.join(PARAM_KINDS)}")
+    for name, patterns in zip(names[1:], (include, exclude), strict=True):
+        ok = all(isinstance(x, str) and x for x in patterns)
+        _check(ok, f"{prefix}{name}", patterns, "a list of parameter-name globs, e.g. ['transformer.wte.weight']")
+
+
+@dataclass(kw_only=True)
+class RegularizationConfig:
+    """Explicit penalties and max-norm constraints (nn/regularizers.py); all off by default.
+
+    The penalty `l1 * sum|w| + l2 / 2 * sum w^2` over the selected parameters is added to the loss (its
+    gradient is `l2 * w`: an explicit L2 term, which Adam rescales; not AdamW's decoupled weight decay).
+    `max_norm` > 0 rescales, after each optimizer step, every row (`max_norm_dim=0`, each output unit's
+    incoming weights in an nn.Linear) or column (1) whose L2 norm exceeds it. Selection: parameters whose
+    kind is in `kinds` (default matrices only: no embeddings, norms or biases), plus any whose name matches
+    an `include` glob, minus any matching an `exclude` glob.
+    """
+
+    l1: float = 0.0
+    l2: float = 0.0
+    max_norm: float = 0.0
+    max_norm_dim: int = 0
+    kinds: list[str] = field(default_factory=lambda: ["matrix"])
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_regularization(
+            "", self.l1, self.l2, self.max_norm, self.max_norm_dim, self.kinds, self.include, self.exclude
+        )
 
 
 @dataclass(kw_only=True)
@@ -305,6 +360,25 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 1337
     deterministic: bool = False  # torch deterministic algorithms: bit-equal losses after --resume
+    # --- scale-out and guards (train/distributed.py, train/guards.py) ---
+    parallel: str = "auto"  # under torchrun: ddp | fsdp (auto = ddp); one process is never wrapped
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    on_nonfinite: str = "skip"  # NaN/inf loss or gradient norm: skip the update | stop | rollback to a checkpoint
+    max_nonfinite_in_row: int = 5  # this many non-finite steps in a row stop the run whatever the policy
+    spike_factor: float = 3.0  # log a loss spike when the loss exceeds this x the running median; 0 = off
+    # generalisation (docs/generalization.md); everything here is off by default
+    label_smoothing: float = 0.0  # training loss only: this mass is spread over all classes/tokens; eval is unsmoothed
+    l1: float = 0.0  # explicit L1 penalty l1 * sum|w| on the regularised parameters, added to the loss
+    l2: float = 0.0  # explicit L2 penalty l2/2 * sum w^2 (unlike weight_decay, Adam rescales its gradient)
+    max_norm: float = 0.0  # after each step, rescale rows (or columns) of the regularised weights to norm <= this
+    max_norm_dim: int = 0  # 0: rows (each output unit's incoming weights), 1: columns
+    regularize: list[str] = field(default_factory=lambda: ["matrix"])  # kinds: matrix embedding norm bias other
+    regularize_include: list[str] = field(default_factory=list)  # extra parameters by name glob
+    regularize_exclude: list[str] = field(default_factory=list)  # parameters to leave alone, by name glob
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0 = off
+    early_stopping_metric: str = "val_loss"
+    early_stopping_mode: str = "auto"  # min | max | auto (min for losses and errors, max for accuracy-like)
+    early_stopping_min_delta: float = 0.0  # an improvement must beat the best by more than this
     # --- tasks other than lm (classify, seq2seq, mlm, autoencode) count their batches in examples ---
     batch_size: int = 64  # global batch: examples per optimizer step (micro_batch examples per forward)
 
@@ -323,10 +397,68 @@ class TrainConfig:
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
         _check(self.eval_tokens >= 1, "train.eval_tokens", self.eval_tokens, "an integer >= 1")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "an integer >= 0")
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _check(self.keep_checkpoints >= 2, "train.keep_checkpoints", self.keep_checkpoints, "an integer >= 2")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _check(self.precision in PRECISIONS, "train.precision", self.precision, " | ".join(PRECISIONS))
+        _check(self.parallel in PARALLEL, "train.parallel", self.parallel, " | ".join(PARALLEL))
+        _check(self.on_nonfinite in NONFINITE, "train.on_nonfinite", self.on_nonfinite, " | ".join(NONFINITE))
+        _check(self.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row", self.max_nonfinite_in_row, ">= 1")
+        _check(self.spike_factor == 0 or self.spike_factor > 1, "train.spike_factor", self.spike_factor, "0 or > 1")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a float in [0, 1)")
+        _check_regularization(
+            "train.",
+            self.l1,
+            self.l2,
+            self.max_norm,
+            self.max_norm_dim,
+            self.regularize,
+            self.regularize_include,
+            self.regularize_exclude,
+            names=("regularize", "regularize_include", "regularize_exclude"),
+        )
+        _check(
+            self.early_stopping_patience >= 0,
+            "train.early_stopping_patience",
+            self.early_stopping_patience,
+            "an integer >= 0 (0 = off)",
+        )
+        _check(
+            bool(self.early_stopping_metric.strip()),
+            "train.early_stopping_metric",
+            self.early_stopping_metric,
+            "a metric name such as val_loss",
+        )
+        _check(
+            self.early_stopping_mode in EARLY_STOPPING_MODES,
+            "train.early_stopping_mode",
+            self.early_stopping_mode,
+            " | ".join(EARLY_STOPPING_MODES),
+        )
+        _check(
+            self.early_stopping_min_delta >= 0 and math.isfinite(self.early_stopping_min_delta),
+            "train.early_stopping_min_delta",
+            self.early_stopping_min_delta,
+            "a finite float >= 0",
+        )
+        _check(
+            not (self.early_stopping_patience and not self.eval_every),
+            "train.early_stopping_patience",
+            self.early_stopping_patience,
+            "0 while train.eval_every=0 (early stopping needs periodic evaluations: set train.eval_every)",
+        )
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+
+    def regularization(self) -> RegularizationConfig:
+        """The regularisation fields as the RegularizationConfig that nn.regularizers.Regularizer takes."""
+        return RegularizationConfig(
+            l1=self.l1,
+            l2=self.l2,
+            max_norm=self.max_norm,
+            max_norm_dim=self.max_norm_dim,
+            kinds=list(self.regularize),
+            include=list(self.regularize_include),
+            exclude=list(self.regularize_exclude),
+        )
 
 
 @dataclass(kw_only=True)
@@ -462,6 +594,10 @@ def _coerce(key: str, annotation: str, value: Any) -> Any:
             return float(value)
         if kind == "str" and isinstance(value, str):
             return value
+        if kind == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        if kind == "list[str]" and isinstance(value, str):  # --set train.regularize=matrix,embedding
+            return [v.strip() for v in value.split(",") if v.strip()]
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {annotation}")
 
 

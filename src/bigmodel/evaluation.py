@@ -23,15 +23,23 @@ def evaluate(
     max_tokens: int | None = None,
     batch_size: int = 16,
     autocast_dtype: torch.dtype | None = None,
+    block_size: int | None = None,
 ) -> dict[str, float | int]:
-    """Mean next-token loss over consecutive windows of the split; bits per byte from the manifest's byte count."""
+    """Mean next-token loss over consecutive windows of the split; bits per byte from the manifest's byte count.
+
+    Windows are the model's context long, or `block_size` (at most that) to score several models on the
+    same windows.
+    """
+    block = block_size or model.config.block_size
+    if block > model.config.block_size:
+        raise ValueError(f"block_size={block} is longer than the model's context ({model.config.block_size})")
     if shards.tokens < 2:
         raise UserError(f"the {shards.split} split of {shards.dir} is empty; prepare with --val-fraction > 0")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for x, y in eval_batches(shards, model.config.block_size, batch_size, max_tokens):
+    for x, y in eval_batches(shards, block, batch_size, max_tokens):
         with hardware.autocast(device, autocast_dtype):
             logits, _ = model(x.to(device))
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")

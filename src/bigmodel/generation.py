@@ -104,6 +104,12 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, cfg: Generat
 
 
 # ----- the decoding loop ------------------------------------------------------------------------------------
+def _device(model: GPT) -> torch.device:
+    """Where the weights are. The engine needs only `config.block_size`/`vocab_size`, `new_cache` and the
+    forward's keywords, so any module offering them decodes too (e.g. bigmodel.ensemble.LMEnsemble)."""
+    return next(model.parameters()).device
+
+
 @dataclass
 class Step:
     """One decoding step. Its tensors are made under torch.inference_mode: read them, do not train on them."""
@@ -141,7 +147,7 @@ def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig) -> Itera
 
 @torch.inference_mode()  # cheaper than no_grad; only lists and fresh tensors leave the engine
 def _decode_steps(model: GPT, rows: list[list[int]], new: int, cfg: GenerationConfig) -> Iterator[Step]:
-    device = model.transformer.wte.weight.device
+    device = _device(model)
     N, L, vocab = len(rows), max(len(p) for p in rows), model.config.vocab_size or 0
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.stop_ids or [0])[0]
     ids = torch.full((N, L), pad, dtype=torch.long, device=device)
@@ -229,7 +235,7 @@ def generate(
         out[i, L - len(p) : L] = torch.tensor(p)
         out[i, L : L + len(r.token_ids)] = torch.tensor(r.token_ids, dtype=torch.long)
         lps[i, : len(r.logprobs)] = torch.tensor(r.logprobs)
-    out = out.to(model.transformer.wte.weight.device)
+    out = out.to(_device(model))
     return (out, lps) if output_logprobs else out
 
 

@@ -47,7 +47,16 @@ def _save(folder: Path, step: int, model: GPT, opt: torch.optim.Optimizer, tok: 
         "tiny", None, [f"model.vocab_size={tok.vocab_size}", "model.block_size=32", "model.n_embd=32"]
     )
     state = {"step": step, "tokens": 64 * step, "elapsed_s": 1.5, "loader": {"epoch": 0, "cursor": step}, "data": "abc"}
-    return checkpoint.save_checkpoint(folder, step, model, tok, opt, config, state, keep)
+    return checkpoint.save_checkpoint(
+        folder,
+        step,
+        model=model,
+        optimizer=opt,
+        save_model=lambda d: model.save_pretrained(d, tok),
+        config=config,
+        state=state,
+        keep=keep,
+    )
 
 
 def test_save_and_load_restore_everything(tmp_path: Path) -> None:
@@ -67,7 +76,7 @@ def test_save_and_load_restore_everything(tmp_path: Path) -> None:
     random.seed(0)
     state = checkpoint.load_checkpoint(path, model2, opt2)
     assert state["step"] == 3 and state["tokens"] == 192 and state["loader"] == {"epoch": 0, "cursor": 3}
-    assert state["data"] == "abc" and "optimizer" not in state and "python_rng" not in state
+    assert state["data"] == "abc" and "python_rng" not in state and state["world_size"] == 1
     got_rand = (torch.rand(3), random.random())
     assert torch.equal(got_rand[0], expected_rand[0]) and got_rand[1] == expected_rand[1]  # RNG states restored
     # weights and optimizer moments restored: the next steps are bit-identical
@@ -82,7 +91,7 @@ def test_checkpoint_is_a_model_directory(tmp_path: Path) -> None:
     model, opt, tok = _setup()
     _step(model, opt, 0)
     path = _save(tmp_path, 1, model, opt, tok)
-    assert json.loads((path / "trainer_state" / "state.json").read_text())["format_version"] == 1
+    assert json.loads((path / "trainer_state" / "state.json").read_text())["format_version"] == 2
     hf = GPT2LMHeadModel.from_pretrained(path).eval()
     x = torch.randint(0, 257, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -96,8 +105,8 @@ def test_keep_only_the_newest_k(tmp_path: Path) -> None:
     for step in (4, 8, 12, 16):
         _save(tmp_path, step, model, opt, tok, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000012", "step-0000016"]
-    _save(tmp_path, 20, model, opt, tok, keep=1)
-    assert [p.name for p in tmp_path.iterdir()] == ["step-0000020"]
+    _save(tmp_path, 20, model, opt, tok, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000012", "step-0000016", "step-0000020"]
 
 
 def test_incomplete_checkpoint_is_skipped_with_a_warning(tmp_path: Path) -> None:

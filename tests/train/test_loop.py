@@ -15,7 +15,7 @@ from bigmodel.data.prepare import prepare
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
 from bigmodel.train.logging import COLUMNS
-from bigmodel.train.loop import TrainResult, flops_per_token, train
+from bigmodel.train.loop import TrainResult, train
 from conftest import TINY_RUN_OVERRIDES, TINY_RUN_STEPS
 
 STEPS = TINY_RUN_STEPS
@@ -47,7 +47,19 @@ def test_metrics_csv(tiny_run: tuple[TrainResult, RunConfig]) -> None:
         header = next(csv.reader(f))
     assert (
         header
-        == ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"]
+        == [
+            "step",
+            "tokens",
+            "train_loss",
+            "val_loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "mfu",
+            "elapsed_s",
+            "skipped_steps",
+            "loss_spike",
+        ]
         == COLUMNS
     )
     rows = read_rows(result.run_dir)
@@ -72,7 +84,8 @@ def test_run_dir_layout(tiny_run: tuple[TrainResult, RunConfig]) -> None:
     assert config.model.vocab_size == 300  # taken from the data's tokenizer
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((run / "tensorboard").iterdir())
-    assert not [p.name for p in run.rglob(".*")], "temporary files left in the run"
+    leftovers = [p.name for p in run.rglob(".*") if p.name != ".metadata"]  # DCP's index file is not temporary
+    assert not leftovers, "temporary files left in the run"
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step-0000020", "step-0000030"]  # keep_checkpoints=2
     for name in ckpts:
@@ -83,8 +96,9 @@ def test_run_dir_layout(tiny_run: tuple[TrainResult, RunConfig]) -> None:
             "model.safetensors",
             "tokenizer.json",
             "config.toml",
-            "trainer_state/optimizer.safetensors",
-            "trainer_state/rng.safetensors",
+            "trainer_state/dcp/.metadata",
+            "trainer_state/dcp/__0_0.distcp",
+            "trainer_state/rank-00000.safetensors",
             "trainer_state/state.json",
         ]:
             assert (c / f).is_file(), f"{name}/{f}"
@@ -110,7 +124,7 @@ def test_final_model_loads_in_transformers(tiny_run: tuple[TrainResult, RunConfi
 
 def test_flops_per_token() -> None:
     model = GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=64))
-    assert flops_per_token(model) == 6 * model.num_params() + 12 * 2 * 32 * 64
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * 2 * 32 * 64
 
 
 def test_rerun_without_resume_is_refused(tiny_run: tuple[TrainResult, RunConfig], bpe_data: Path) -> None:

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from bigmodel.config import GPTConfig
 from bigmodel.nn.attention import CausalSelfAttention, KVCache
+from bigmodel.nn.losses import classification_loss
 
 if TYPE_CHECKING:
     from bigmodel.data.tokenizer import Tokenizer
@@ -78,6 +80,7 @@ class GPT(nn.Module):
         if config.vocab_size is None:
             raise ValueError("GPTConfig.vocab_size is None: set it to the tokenizer's vocabulary size")
         self.config = config
+        self.activation_checkpointing = False  # recompute each block's activations in backward (train only)
         self.transformer = Transformer(config, config.vocab_size)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, saved once
@@ -95,10 +98,19 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks (FSDP shards, and activation checkpointing recomputes, one at a time)."""
+        return list(self.transformer.h)
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights once); by default without position embeddings, as GPT-2 reports."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 * parameters for the matmuls + attention's 12 * L * T * C (PaLM app. B)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.block_size * c.n_embd
 
     def forward(
         self,
@@ -109,8 +121,12 @@ class GPT(nn.Module):
         last_only: bool = False,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only) and the mean loss.
+
+        `label_smoothing` (training only; see nn/losses.py) spreads that probability mass over the vocabulary
+        in the loss; targets of -1 are padding and ignored.
 
         For batches of padded prompts the generation engine passes `position_ids` (B, T) and a boolean
         `attn_mask` (B, 1, T, cached + T) saying which keys each query may see; otherwise attention is causal.
@@ -126,8 +142,12 @@ class GPT(nn.Module):
             position_ids = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         t = self.transformer
         x = t.drop(t.wte(idx) + t.wpe(position_ids))  # (B, T, C)
+        recompute = self.activation_checkpointing and self.training and cache is None
         for i, block in enumerate(t.h):
-            x = block(x, cache, i, attn_mask)
+            if recompute:  # keep only the block's input; its activations are recomputed during backward
+                x = torch.utils.checkpoint.checkpoint(block, x, None, i, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cache, i, attn_mask)
         if cache is not None:
             cache.advance(T)
         x = t.ln_f(x)
@@ -136,7 +156,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+            loss = classification_loss(logits, targets, label_smoothing, ignore_index=-1)
         return logits, loss
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:

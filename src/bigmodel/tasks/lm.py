@@ -63,7 +63,8 @@ class LMTask(Task):
         return WindowStream(WindowLoader(self.shards, block, micro_batch, seed, rank, world_size))
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        _, loss = model(batch["input_ids"], batch["labels"])
+        smoothing = self.config.train.label_smoothing  # training only: evaluate() scores unsmoothed
+        _, loss = model(batch["input_ids"], batch["labels"], label_smoothing=smoothing)
         return loss
 
     def evaluate(self, model: nn.Module, *, limit: int | None = None) -> dict[str, float]:
@@ -84,10 +85,8 @@ class LMTask(Task):
         return data_fingerprint(self.shards.manifest)
 
     def flops_per_unit(self, model: nn.Module) -> float:
-        """6 * parameters for the matmuls + attention's 12 * L * T * C (PaLM appendix B)."""
         assert isinstance(model, GPT)
-        c = model.config
-        return 6 * model.num_params() + 12 * c.n_layer * c.block_size * c.n_embd
+        return model.flops_per_token()
 
     def has_validation(self) -> bool:
         return self.val is not None

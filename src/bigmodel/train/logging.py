@@ -12,7 +12,22 @@ from typing import Any
 
 from bigmodel import atomic
 
-COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"]
+COLUMNS = [
+    "step",
+    "tokens",
+    "train_loss",
+    "val_loss",
+    "lr",
+    "grad_norm",  # global gradient norm before clipping
+    "tokens_per_s",  # units per second: tokens for language models, examples for other tasks
+    "mfu",
+    "elapsed_s",
+    "skipped_steps",  # non-finite steps skipped or rolled back so far
+    "loss_spike",  # 1 where the loss exceeded train.spike_factor x the running median
+    "val_metric",  # the task's headline validation metric when it is not the loss (accuracy, exact match, ...)
+    "penalty_l1",  # explicit regularisation terms, logged apart from the data loss
+    "penalty_l2",
+]
 
 
 class MetricsLog:
@@ -25,16 +40,25 @@ class MetricsLog:
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         elif self.path.exists():
             self._truncate_after(resume_step)  # rows a killed run wrote after its last checkpoint
-        new = not self.path.exists()
-        self.file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS)
-        if new:
-            self.writer.writeheader()
+        self._open()
         self.tb: Any = None
         if importlib.util.find_spec("tensorboard") is not None:  # optional: pip install bigmodel[tensorboard]
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
+
+    def _open(self) -> None:
+        new = not self.path.exists()
+        self.file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS)
+        if new:
+            self.writer.writeheader()
+
+    def rewind(self, step: int) -> None:
+        """Drop rows after `step` (a rollback to a checkpoint re-trains those steps)."""
+        self.file.close()
+        self._truncate_after(step)
+        self._open()
 
     def _truncate_after(self, step: int) -> None:
         with open(self.path, newline="", encoding="utf-8") as f:

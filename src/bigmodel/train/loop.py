@@ -1,17 +1,19 @@
-"""THE training loop (`bigmodel train`): data -> model -> AdamW steps -> logs, evals, checkpoints, export.
+"""THE training loop (`bigmodel train`): task -> model -> AdamW steps -> logs, evals, checkpoints, export.
 
-Reading order: `train()` sets up (config, data, model, optimizer, resume), runs `_step()` until max_steps or
-the wall-clock budget, then exports RUN/final/. Everything else (schedule, checkpoint files, metrics) lives
-in its own module.
+Reading order: `train()` sets up (task, process group, model and its parallel wrapper, optimizer, resume),
+runs `_step()` until max_steps, the wall-clock budget or a stop signal, then exports RUN/final/. What is
+trained comes from the task (tasks/: model, batches, loss, metrics); how ranks cooperate from
+train/distributed.py; what to do with NaNs, spikes and SIGTERM from train/guards.py; checkpoint files from
+train/checkpoint.py. Under torchrun every rank runs this same function; only rank 0 logs, plots and exports.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,18 +21,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from bigmodel import atomic, hardware
 from bigmodel.config import RunConfig, resolve_config, to_toml
-from bigmodel.data.loader import TokenShards, WindowLoader, data_fingerprint
-from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.errors import UserError
-from bigmodel.evaluation import evaluate
-from bigmodel.models.gpt import GPT
+from bigmodel.nn.regularizers import Regularizer
+from bigmodel.tasks import TASKS, BatchStream, Task
 from bigmodel.train import checkpoint
+from bigmodel.train.distributed import (
+    Distributed,
+    full_tensor,
+    resolve_parallel,
+    set_gradient_sync,
+    wrap_model,
+)
+from bigmodel.train.guards import NonFiniteGuard, SpikeDetector, StopSignals
 from bigmodel.train.logging import MetricsLog, plot_loss
 from bigmodel.train.optim import lr_at, make_optimizer
+from bigmodel.train.selection import EarlyStopping
 
 # Testing hook: SIGKILL this process right after optimizer step N (proves that resume is exact).
 KILL_AT_STEP_ENV = "BIGMODEL_KILL_AT_STEP"
@@ -40,47 +50,19 @@ KILL_AT_STEP_ENV = "BIGMODEL_KILL_AT_STEP"
 class TrainResult:
     run_dir: Path
     steps: int
-    tokens: int
+    tokens: int  # units seen (tokens for language models, examples otherwise)
     train_loss: float
-    val: dict[str, float | int] | None
-    stop_reason: str
+    val: dict[str, float] | None
+    stop_reason: str  # max_steps | max_minutes | early_stopping | interrupted | preempted
     seconds: float
-
-
-class StopOnInterrupt:
-    """Turns the first Ctrl-C into a request to stop at the next step boundary (a second one aborts)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
-
-    def __enter__(self) -> StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def flops_per_token(model: GPT) -> float:
-    """Training FLOPs per token: 6 * parameters for the matmuls + attention's 12 * L * T * C (PaLM appendix B)."""
-    c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * c.block_size * c.n_embd
+    detail: str = ""  # why, in words (early stopping: the metric, its best value and step)
 
 
 def _prepare_run_dir(out: Path, resume: str | None) -> Path | None:
     """Return the checkpoint to resume from (None for a fresh run), refusing to overwrite an earlier run."""
     ckpts = out / "checkpoints"
     if resume is None:
-        if checkpoint.complete_checkpoints(ckpts) or (out / "final").exists():
+        if checkpoint.complete_checkpoints(ckpts, warn=False) or (out / "final").exists():
             raise UserError(f"{out} already holds a run; pass --resume auto to continue it, or choose a new --out")
         return None
     if resume == "auto":
@@ -94,188 +76,364 @@ def _prepare_run_dir(out: Path, resume: str | None) -> Path | None:
     return path
 
 
+def make_task(config: RunConfig, data: str | Path) -> Task:
+    if config.task not in TASKS:
+        raise UserError(f"unknown task {config.task!r}; choose one of: {', '.join(sorted(TASKS))}")
+    return TASKS[config.task](config, data)
+
+
 def train(
     config: RunConfig, data: str | Path, out: str | Path, resume: str | None = None, progress: bool = True
 ) -> TrainResult:
-    out, data = Path(out), Path(data)
+    """Train `config` on `data` into run directory `out` (under torchrun: on every rank, collectively)."""
+    ctx = Distributed.from_env(hardware.default_device())
+    try:
+        return _train(config, Path(data), Path(out), resume, progress, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(
+    config: RunConfig, data: Path, out: Path, resume: str | None, progress: bool, ctx: Distributed
+) -> TrainResult:
     t_start = time.time()
     cfg = config.train
-    device = hardware.default_device()
+    device = ctx.device
+    strategy = resolve_parallel(cfg.parallel, ctx.world_size)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    say = _printer(ctx)
 
-    # --- data and tokenizer ---
-    shards = TokenShards(data, "train")
-    val = TokenShards(data, "val") if shards.manifest["splits"]["val"]["tokens"] > 1 else None
-    tokenizer = Tokenizer.from_pretrained(data)
-    if config.model.vocab_size is None:
-        config.model.vocab_size = tokenizer.vocab_size
-    elif config.model.vocab_size < tokenizer.vocab_size:
-        raise UserError(
-            f"model.vocab_size={config.model.vocab_size} is smaller than the data's vocabulary "
-            f"({tokenizer.vocab_size} tokens); remove the override or raise it"
-        )
-    accum = config.grad_accum_steps()
-    loader = WindowLoader(shards, config.model.block_size, cfg.micro_batch, cfg.seed)
-
-    # --- model, optimizer, resume ---
+    # --- task, data, model, optimizer ---
+    task = make_task(config, data)
+    accum = task.accum_steps(ctx.world_size)
+    stream = task.batches(cfg.micro_batch, cfg.seed, ctx.rank, ctx.world_size)
     resume_from = _prepare_run_dir(out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    model = GPT(config.model).to(device)
-    optimizer = make_optimizer(model, cfg)
-    step, tokens, elapsed_before = 0, 0, 0.0
-    if resume_from is not None:
-        changed = checkpoint.check_compatible(resume_from, config)
-        if changed:
-            warnings.warn(f"resuming with changed training settings: {'; '.join(changed)}", stacklevel=2)
-        state = checkpoint.load_checkpoint(resume_from, model, optimizer)
-        if state["data"] != data_fingerprint(shards.manifest):
+    ctx.barrier()  # every rank has checked the run folder before rank 0 writes into it
+    model = task.build_model().to(device)  # the same initial weights on every rank (same seed)
+    if ctx.rank:
+        torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)  # but independent dropout streams
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "activation_checkpointing"):
+            raise UserError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
+        model.activation_checkpointing = True  # type: ignore[assignment]
+    amp = hardware.autocast_dtype(cfg.precision, device)
+    wrapped = wrap_model(model, strategy, ctx, amp)
+    optimizer = make_optimizer(model, cfg)  # after sharding: FSDP2 replaces parameters with DTensor shards
+    fwd: nn.Module = torch.compile(wrapped) if cfg.compile else wrapped  # type: ignore[assignment]
+    nonfinite = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite_in_row)
+    spikes = SpikeDetector(cfg.spike_factor)
+    reg = Regularizer.from_train_config(cfg)
+    stopper = EarlyStopping.from_train_config(cfg)
+    if cfg.early_stopping_patience and not task.has_validation():
+        raise UserError("train.early_stopping_patience needs a validation split; prepare the data with one")
+    step, units, elapsed_before = 0, 0, 0.0
+
+    def restore(path: Path) -> None:
+        nonlocal step, units, elapsed_before
+        state = checkpoint.load_checkpoint(path, model, optimizer, ctx)
+        if state["data"] != task.fingerprint():
             raise UserError(
-                f"checkpoint {resume_from} was trained on other data than {data}; "
+                f"checkpoint {path} was trained on other data than {data}; "
                 "resume with the same --data, or start a new --out"
             )
-        loader.load_state_dict(state["loader"])
-        step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
-        print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
-    atomic.write_text(out / "config.toml", to_toml(config))
-    amp = hardware.autocast_dtype(cfg.precision, device)
-    fwd = torch.compile(model) if cfg.compile else model
+        stream.load_state_dict(state["loader"])
+        nonfinite.load_state_dict(state.get("nonfinite", {}))
+        spikes.load_state_dict(state.get("spikes", {}))
+        if "early_stopping" in state:
+            stopper.load_state_dict(state["early_stopping"])
+        step, units, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+
+    if resume_from is not None:
+        changed = checkpoint.check_compatible(resume_from, config)
+        if changed and ctx.is_main:
+            warnings.warn(f"resuming with changed training settings: {'; '.join(changed)}", stacklevel=2)
+        restore(resume_from)
+        say(f"resumed from {resume_from} at step {step}")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(out / "config.toml", to_toml(config))
     peak = hardware.matmul_peak_flops(amp or torch.float32, device.type)
-    fpt = flops_per_token(model)
-    log = MetricsLog(out, resume_step=step if resume_from is not None else None)
+    flops = task.flops_per_unit(model)
+    log = MetricsLog(out, resume_step=step if resume_from is not None else None) if ctx.is_main else None
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
     budget_s = cfg.max_minutes * 60
+    t_loop = time.time()
 
     def save(at_step: int) -> None:
         state = {
             "step": at_step,
-            "tokens": tokens,
+            "tokens": units,
             "elapsed_s": elapsed_before + time.time() - t_loop,
-            "loader": loader.state_dict(),
-            "data": data_fingerprint(shards.manifest),
+            "loader": stream.state_dict(),
+            "data": task.fingerprint(),
+            "parallel": strategy,
+            "nonfinite": nonfinite.state_dict(),
+            "spikes": spikes.state_dict(),
+            "early_stopping": stopper.state_dict(),
         }
+        export = _consolidated(model, task, strategy, ctx)
         checkpoint.save_checkpoint(
-            out / "checkpoints", at_step, model, tokenizer, optimizer, config, state, cfg.keep_checkpoints
+            out / "checkpoints",
+            at_step,
+            model=model,
+            optimizer=optimizer,
+            save_model=(lambda d: task.save(export, d)) if export is not None else None,
+            config=config,
+            state=state,
+            keep=cfg.keep_checkpoints,
+            ctx=ctx,
         )
 
-    print(
-        f"training {model.num_params() / 1e6:.2f}M parameters on {device.type} "
-        f"({'bf16 autocast' if amp else 'fp32'}), {cfg.batch_tokens:,} tokens/step "
-        f"({cfg.micro_batch} x {config.model.block_size} x {accum} accumulation)",
-        file=sys.stderr,
+    say(
+        f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({task.name}) on "
+        f"{ctx.world_size} x {device.type} ({strategy if strategy != 'none' else 'one process'}, "
+        f"{'bf16 autocast' if amp else 'fp32'}{', activation checkpointing' if cfg.activation_checkpointing else ''}),"
+        f" {accum} micro-batch(es) of {cfg.micro_batch} per rank and step"
     )
+    if reg.active:
+        say(reg.describe(model))
     bar = tqdm(
         total=cfg.max_steps,
         initial=step,
         desc="train",
         unit="step",
-        disable=not progress,
+        disable=not (progress and ctx.is_main),
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    model.train()
-    t_loop = time.time()
-    stop_reason, loss, t_last, tok_last = "max_steps", math.nan, time.time(), tokens
-    with StopOnInterrupt() as interrupt:
+    wrapped.train()
+    stop_reason, detail, loss, t_last, units_last = "max_steps", "", math.nan, time.time(), units
+    with StopSignals() as signals:
         while step < cfg.max_steps:
             elapsed = elapsed_before + time.time() - t_loop
-            if interrupt.requested:
-                stop_reason = "interrupted"
+            requested = ctx.any(signals.requested is not None)  # all ranks stop at the same step
+            if requested:
+                stop_reason = signals.requested or "interrupted"
                 break
-            if budget_s and elapsed >= budget_s:
+            if budget_s and ctx.any(elapsed >= budget_s):
                 stop_reason = "max_minutes"
                 break
             lr = lr_at(cfg, step, elapsed / budget_s if budget_s else 0.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm = _step(fwd, model, optimizer, loader, accum, cfg.grad_clip, device, amp)
-            if not math.isfinite(loss):
-                raise UserError(
-                    f"the loss became {loss} at step {step + 1}; lower train.lr or use train.precision=fp32"
-                )
+            log_step = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+            loss, grad_norm, step_units, penalties = _step(
+                fwd, model, task, stream, accum, cfg.grad_clip, device, amp, strategy, reg, log_step
+            )
+            loss = ctx.sum(loss) / ctx.world_size  # the same value on every rank: they act on it together
+            action = nonfinite.check(step + 1, loss, grad_norm)
+            if action == "rollback":
+                optimizer.zero_grad(set_to_none=True)
+                counts = nonfinite.state_dict()  # the checkpoint's counters predate this bad step
+                _rollback(out, restore, stream, step + 1, say)
+                nonfinite.load_state_dict(counts)
+                if log is not None:
+                    log.rewind(step)
+                units_last = units
+                continue
+            if action == "ok":
+                optimizer.step()
+                reg.apply_max_norm(model)
+            optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens += cfg.batch_tokens
+            units += step_units * ctx.world_size
             bar.update(1)
             row: dict[str, Any] = {}
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if spikes.update(loss):
+                say(f"warning: loss spike at step {step}: {loss:.4f} > {cfg.spike_factor} x the running median")
+                row["loss_spike"] = 1
+            if log_step or row:
                 now = time.time()
-                tps = (tokens - tok_last) / max(now - t_last, 1e-9)
-                t_last, tok_last = now, tokens
-                row = {
+                ups = (units - units_last) / max(now - t_last, 1e-9)
+                t_last, units_last = now, units
+                row |= {
                     "train_loss": loss,
                     "lr": lr,
                     "grad_norm": grad_norm,
-                    "tokens_per_s": tps,
-                    "mfu": tps * fpt / peak,
+                    "tokens_per_s": ups,
+                    "mfu": ups * flops / (peak * ctx.world_size),
+                    "skipped_steps": nonfinite.total,
+                    **{f"penalty_{k}": v for k, v in penalties.items()},
                 }
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            if val is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                row["val_loss"] = evaluate(model, val, max_tokens=cfg.eval_tokens, autocast_dtype=amp)["loss"]
-            if row:
-                log.log(
-                    {
-                        "step": step,
-                        "tokens": tokens,
-                        "elapsed_s": elapsed_before + time.time() - t_loop,
-                        **row,
-                    }
-                )
+                bar.set_postfix(loss=f"{loss:.3f}", rate=f"{ups:,.0f}", refresh=False)
+            stop_early = False
+            if task.has_validation() and cfg.eval_every and step % cfg.eval_every == 0:
+                metrics = _evaluate(task, model, device, amp, cfg.eval_tokens)
+                row["val_loss"] = metrics["loss"]
+                if task.metric != "loss":
+                    row["val_metric"] = metrics[task.metric]
+                if cfg.early_stopping_patience:
+                    if stopper.update(_selected_metric(metrics, cfg.early_stopping_metric), step):
+                        _save_best(model, task, strategy, ctx, out, step, stopper)
+                    stop_early = stopper.should_stop
+            if row and log is not None:
+                log.log({"step": step, "tokens": units, "elapsed_s": elapsed_before + time.time() - t_loop, **row})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save(step)
             if kill_at and step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if stop_early:
+                stop_reason, detail = "early_stopping", stopper.reason
+                say(detail)
+                break
     bar.close()
     train_seconds = elapsed_before + time.time() - t_loop
-    if stop_reason == "interrupted":
+    if stop_reason in ("interrupted", "preempted"):
         save(step)
-        log.close()
-        print(f"interrupted at step {step}; checkpoint saved, continue with --resume auto", file=sys.stderr)
-        return TrainResult(out, step, tokens, loss, None, stop_reason, time.time() - t_start)
+        if log is not None:
+            log.close()
+        say(f"{stop_reason} at step {step}; checkpoint saved, continue with --resume auto")
+        _write_summary(out, ctx, stop_reason, f"stopped by a signal at step {step}", step, units, stopper)
+        return TrainResult(out, step, units, loss, None, stop_reason, time.time() - t_start)
 
     # --- the end: last checkpoint, final evaluation, export, plot ---
     if not checkpoint.step_dir(out / "checkpoints", step).exists():
         save(step)
-    result_val = evaluate(model, val, autocast_dtype=amp) if val is not None else None
+    ctx.barrier()
+    result_val = _evaluate(task, model, device, amp, None) if task.has_validation() else None
+    export = _consolidated(model, task, strategy, ctx)
+    if log is not None and export is not None:
+        if result_val is not None:
+            log.log({"step": step, "tokens": units, "val_loss": result_val["loss"], "elapsed_s": train_seconds})
+        log.close()
+        task.save(export, out / "final")
+        plot_loss(out / "metrics.csv", out / "loss.png", title=f"{out.name}: {config.preset} preset")
+    ctx.barrier()
+    summary = f"{step} steps, {units:,} {task.unit} in {train_seconds / 60:.1f} min, train loss {loss:.3f}"
     if result_val is not None:
-        log.log({"step": step, "tokens": tokens, "val_loss": result_val["loss"], "elapsed_s": train_seconds})
-    log.close()
-    model.save_pretrained(out / "final", tokenizer)
-    plot_loss(out / "metrics.csv", out / "loss.png", title=f"{out.name}: {config.preset} preset")
-    summary = f"{step} steps, {tokens:,} tokens in {train_seconds / 60:.1f} min, train loss {loss:.3f}"
-    if result_val is not None:
-        summary += f", val loss {result_val['loss']:.3f} ({result_val['bits_per_byte']:.3f} bits/byte)"
-    print(f"{summary} ({stop_reason}) -> {out / 'final'}", file=sys.stderr)
-    return TrainResult(out, step, tokens, loss, result_val, stop_reason, time.time() - t_start)
+        summary += ", " + ", ".join(f"val {k} {v:.4g}" for k, v in result_val.items() if k != task.unit)
+    say(f"{summary} ({stop_reason}) -> {out / 'final'}")
+    _write_summary(out, ctx, stop_reason, detail, step, units, stopper)
+    return TrainResult(out, step, units, loss, result_val, stop_reason, time.time() - t_start, detail)
 
 
 def _step(
-    fwd: Any,
-    model: GPT,
-    optimizer: torch.optim.Optimizer,
-    loader: WindowLoader,
+    fwd: nn.Module,
+    model: nn.Module,
+    task: Task,
+    stream: BatchStream,
     accum: int,
     grad_clip: float,
     device: torch.device,
     amp: torch.dtype | None,
-) -> tuple[float, float]:
-    """One optimizer step over `accum` micro-batches; returns (mean loss, gradient norm before clipping)."""
+    strategy: str,
+    reg: Regularizer | None = None,
+    log_penalty: bool = False,
+) -> tuple[float, float, int, dict[str, float]]:
+    """Forward/backward over `accum` micro-batches (gradients synced on the last one only), then the
+    explicit L1/L2 penalty's gradient once (`reg`), added to the synced gradients.
+
+    Returns (this rank's mean data loss, global gradient norm before clipping, units seen by this rank,
+    the penalty terms when `log_penalty`). The caller decides from the loss and norm whether to step.
+    """
     total = torch.zeros((), device=device)
-    for _ in range(accum):
-        x, y = loader.next_batch()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    units = 0
+    for i in range(accum):
+        batch = {k: v.to(device, non_blocking=True) for k, v in stream.next_batch().items()}
+        set_gradient_sync(fwd, strategy, i == accum - 1)
         with hardware.autocast(device, amp):
-            _, loss = fwd(x, y)
+            loss = task.loss(fwd, batch)
         (loss / accum).backward()
         total += loss.detach()
+        units += task.units(batch)
+    penalties = reg.add_penalty_gradients(model, with_values=log_penalty) if reg is not None else {}
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return (total / accum).item(), norm.item()
+    return (total / accum).item(), full_tensor(norm).item(), units, penalties
+
+
+def _evaluate(
+    task: Task, model: nn.Module, device: torch.device, amp: torch.dtype | None, limit: int | None
+) -> dict[str, float]:
+    """Validation metrics; every rank runs it (FSDP's forward needs all of them), all get the same numbers."""
+    was_training = model.training
+    model.eval()
+    with hardware.autocast(device, amp):
+        metrics = task.evaluate(model, limit=limit)
+    model.train(was_training)
+    return metrics
+
+
+def _consolidated(model: nn.Module, task: Task, strategy: str, ctx: Distributed) -> nn.Module | None:
+    """The whole model on rank 0 (None elsewhere), for model directories. A collective call under FSDP."""
+    if strategy != "fsdp":
+        return model if ctx.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not ctx.is_main:
+        return None
+    with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG stream
+        copy = task.build_model()
+    copy.load_state_dict(full)
+    return copy
+
+
+def _selected_metric(metrics: dict[str, float], name: str) -> float:
+    """`val_loss` -> metrics["loss"], `val_accuracy` -> metrics["accuracy"], ..."""
+    key = name.removeprefix("val_")
+    if key not in metrics:
+        options = ", ".join(f"val_{k}" for k in metrics)
+        raise UserError(f"train.early_stopping_metric={name!r} is not reported by this task; choose one of {options}")
+    return metrics[key]
+
+
+def _save_best(
+    model: nn.Module, task: Task, strategy: str, ctx: Distributed, out: Path, step: int, stopper: EarlyStopping
+) -> None:
+    """RUN/best/: the model of the best evaluation so far, replaced atomically (folder rename)."""
+    export = _consolidated(model, task, strategy, ctx)
+    if export is None:
+        return
+    tmp, best = out / ".best.tmp", out / "best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    task.save(export, tmp)
+    atomic.write_json(tmp / "selection.json", {"step": step, "metric": stopper.metric, "value": stopper.best})
+    old = out / ".best.old"
+    if best.exists():
+        best.rename(old)
+    tmp.rename(best)
+    shutil.rmtree(old, ignore_errors=True)
+    atomic.fsync_dir(out)
+
+
+def _write_summary(
+    out: Path, ctx: Distributed, reason: str, detail: str, step: int, units: int, stopper: EarlyStopping
+) -> None:
+    """RUN/summary.json: why and where the run stopped, and the best evaluation when selection was on."""
+    if not ctx.is_main:
+        return
+    summary: dict[str, Any] = {"stop_reason": reason, "detail": detail, "steps": step, "units": units}
+    if stopper.best is not None:
+        summary["best"] = {"metric": stopper.metric, "value": stopper.best, "step": stopper.best_step}
+    atomic.write_json(out / "summary.json", summary)
+
+
+def _rollback(out: Path, restore: Any, stream: BatchStream, bad_step: int, say: Any) -> None:
+    """Reload the newest complete checkpoint; the data position stays after the offending batches."""
+    last = checkpoint.latest_checkpoint(out / "checkpoints")
+    if last is None:
+        raise UserError(
+            f"non-finite step {bad_step} with train.on_nonfinite=rollback, but there is no checkpoint to roll back "
+            "to yet; lower train.checkpoint_every or use train.on_nonfinite=skip"
+        )
+    position = stream.state_dict()
+    restore(last)
+    stream.load_state_dict(position)  # skip the offending batches instead of reading them again
+    say(f"rolled back to {last.name}; continuing with the batches after step {bad_step}'s")
+
+
+def _printer(ctx: Distributed) -> Any:
+    def say(message: str) -> None:
+        if ctx.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    return say
 
 
 def run_train(args: Any) -> int:
-    config = resolve_config(args.preset, args.config, args.set)
+    config = resolve_config(args.preset, args.config, args.set, task=getattr(args, "task", None))
     result = train(config, args.data, args.out, resume=args.resume)
     return 130 if result.stop_reason == "interrupted" else 0

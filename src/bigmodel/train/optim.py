@@ -8,13 +8,16 @@ import torch
 from torch import nn
 
 from bigmodel.config import TrainConfig
+from bigmodel.nn.regularizers import parameter_kinds
+
+DECAY_KINDS = ("matrix", "embedding")  # as nn.regularizers.parameter_kinds names them
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """Decay 2-D weights (matmuls, embeddings); never biases or LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """Decay weight matrices and embeddings; never biases or normalisation gains (see train.weight_decay)."""
+    kinds = [(kind, p) for kind, _, p in parameter_kinds(model).values() if p.requires_grad]  # tied weights once
+    decay = [p for kind, p in kinds if kind in DECAY_KINDS]
+    no_decay = [p for kind, p in kinds if kind not in DECAY_KINDS]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
