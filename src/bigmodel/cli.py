@@ -62,12 +62,23 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example:\n  bigmodel train --data data/shakespeare --out runs/s1 --preset small "
         "--set train.max_minutes=5\n  bigmodel train --data data/shakespeare --out runs/s1 "
         "--resume auto\n  torchrun --nproc-per-node 2 -m bigmodel train --data data/shakespeare --out runs/s2 "
-        "--set train.parallel=fsdp",
+        "--set train.parallel=fsdp"
+        "\n  bigmodel train --preset mlp --data digits --out runs/digits --set model.connection=sparse"
+        "\n  bigmodel train --task seq2seq --data numbers --out runs/translator",
     )
-    t.add_argument("--data", required=True, help="data directory from `bigmodel prepare`")
+    t.add_argument(
+        "--data",
+        required=True,
+        help="data directory from `bigmodel prepare`; for other tasks a data set: digits, breast-cancer, genre, "
+        "numbers, dates, or a .npy/.csv/.tsv file or folder",
+    )
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--config", help="TOML file with [model] and [train] tables")
-    t.add_argument("--preset", help="named model + training shape: tiny, small (default), gpt2, gpt2-medium")
+    t.add_argument(
+        "--preset",
+        help="named model + training shape: tiny, small (default), gpt2, gpt2-medium; for the other families "
+        "mlp, multi-input, seq2seq, rnn-seq2seq, encoder, autoencoder",
+    )
     t.add_argument(
         "--set",
         action="append",
@@ -76,7 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set train.lr=3e-4 (repeatable)",
     )
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint or PATH")
-    t.add_argument("--task", help="what to train (default lm, or the config's `task`)")
+    t.add_argument(
+        "--task",
+        help="what to train: lm (default), classify, seq2seq, mlm, autoencode (docs/zoo.md); "
+        "a preset or model.arch implies its task",
+    )
 
     pl = sub.add_parser(
         "plan",
@@ -96,14 +111,19 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "eval",
-        help="held-out loss, perplexity and bits per byte",
+        help="held-out scores: loss, perplexity, bits per byte (GPT), or the task's metrics (other families)",
         formatter_class=fmt,
-        epilog="example:\n  bigmodel eval runs/s1 --data data/shakespeare",
+        epilog="example:\n  bigmodel eval runs/s1 --data data/shakespeare\n  bigmodel eval runs/digits --data digits"
+        "\n  bigmodel eval runs/translator --data numbers --max-tokens 200",
     )
     e.add_argument("model", metavar="MODEL_OR_RUN", help="model directory or run directory")
-    e.add_argument("--data", required=True, help="data directory prepared with the model's tokenizer")
+    e.add_argument(
+        "--data", required=True, help="data directory prepared with the model's tokenizer, or the model's data set"
+    )
     e.add_argument("--split", default="val", choices=["val", "train"])
-    e.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
+    e.add_argument(
+        "--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens (examples: zoo)"
+    )
     e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast for fp32 weights")
     e.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights (e.g. int8 to measure its quality)")
 

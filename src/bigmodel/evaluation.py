@@ -79,10 +79,50 @@ def check_same_tokenizer(model_dir: Path, data_dir: Path) -> None:
         )
 
 
+def evaluate_model_dir(
+    model_dir: str | Path, data: str | Path, *, limit: int | None = None, autocast_dtype: torch.dtype | None = None
+) -> dict[str, float]:
+    """Validation metrics of a model directory of the zoo (not GPT) on `data`, by the task it was trained for.
+
+    classify: loss, accuracy; seq2seq: loss, exact_match, cer, bleu; mlm: masked-token loss and accuracy;
+    autoencode: reconstruction_error, sparsity, ... (see tasks/). `limit` bounds the examples scored.
+    """
+    import copy
+
+    from bigmodel.config import EncoderConfig, RunConfig
+    from bigmodel.models import load_model
+    from bigmodel.models.directory import PretrainedModel, read_config_json
+    from bigmodel.tasks import TASKS
+
+    model = load_model(model_dir)
+    assert isinstance(model, PretrainedModel)
+    meta = read_config_json(model_dir)
+    config = RunConfig(
+        preset=model.arch, task=str(meta.get("task", model.saved_task())), model=copy.deepcopy(model.config)
+    )
+    if isinstance(config.model, EncoderConfig) and config.model.n_classes is not None:
+        config.model.init_from = str(model_dir)  # the classifier's own tokenizer and shape
+    task = TASKS[config.task](config, data)
+    labels = getattr(task, "labels", None)
+    if model.labels and labels is not None and list(labels) != model.labels:
+        raise UserError(f"{data} has the classes {list(labels)}; {model_dir} was trained on {model.labels}")
+    device = hardware.default_device()
+    model.to(device)
+    with torch.no_grad(), hardware.autocast(device, autocast_dtype):
+        return task.evaluate(model, limit=limit)
+
+
 def run_eval(args: Any) -> int:
     from bigmodel.generation import cast_for_inference
+    from bigmodel.models import model_arch
 
     model_dir = resolve_model_dir(args.model)
+    if model_arch(model_dir) != "gpt":
+        if args.dtype != "fp32" or args.split != "val":
+            raise UserError("--dtype and --split apply to GPT language models; the other families score fp32 on val")
+        dtype = hardware.autocast_dtype(args.precision, hardware.default_device())
+        print(json.dumps(evaluate_model_dir(model_dir, args.data, limit=args.max_tokens, autocast_dtype=dtype)))
+        return 0
     model = cast_for_inference(GPT.from_pretrained(model_dir), args.dtype)
     shards = TokenShards(args.data, args.split)
     check_same_tokenizer(model_dir, Path(args.data))

@@ -18,6 +18,7 @@ from torch import nn
 from bigmodel.config import EncoderConfig
 from bigmodel.models.directory import PretrainedModel
 from bigmodel.models.seq2seq import Attention, FeedForward
+from bigmodel.nn.losses import classification_loss
 
 IGNORE = -100  # label of positions without a prediction target (F.cross_entropy's ignore_index)
 
@@ -99,7 +100,7 @@ class Encoder(PretrainedModel):
         return self.ln_f(x), real
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, label_smoothing: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Masked LM: labels (B, T), IGNORE where nothing is predicted -> logits (B, T, V).
         Classifier: labels (B,) class ids -> logits (B, classes). Returns (logits, mean loss or None)."""
@@ -108,13 +109,13 @@ class Encoder(PretrainedModel):
             logits = self.mlm(h)
             loss = None
             if labels is not None:
-                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+                loss = classification_loss(logits, labels, label_smoothing, ignore_index=IGNORE)
             return logits, loss
         assert self.classifier is not None
         m = real[..., None].to(h.dtype)
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, C): mean over real tokens
         logits = self.classifier(self.drop(pooled))  # (B, classes)
-        return logits, F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return logits, classification_loss(logits, labels, label_smoothing) if labels is not None else None
 
     @torch.no_grad()
     def predict(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,12 @@ be compared on one task with everything else equal (benchmarks/zoo.py does). `St
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.config import MLPConfig
 from bigmodel.models.directory import PretrainedModel
 from bigmodel.nn.connections import connection
+from bigmodel.nn.losses import classification_loss
 
 ACTIVATION: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -57,10 +57,10 @@ class Classifier(PretrainedModel):
         raise NotImplementedError
 
     def forward(
-        self, features: torch.Tensor, labels: torch.Tensor | None = None
+        self, features: torch.Tensor, labels: torch.Tensor | None = None, label_smoothing: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.logits(features)  # (B, classes)
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        loss = classification_loss(logits, labels, label_smoothing) if labels is not None else None
         return logits, loss
 
     @torch.no_grad()

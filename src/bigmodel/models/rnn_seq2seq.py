@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.config import RNNSeq2SeqConfig
 from bigmodel.models.decoding import special_ids
 from bigmodel.models.directory import PretrainedModel
 from bigmodel.models.seq2seq import decode
+from bigmodel.nn.losses import classification_loss
 
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # GRU: h; LSTM: (h, c)
 
@@ -125,7 +125,9 @@ class RNNSeq2Seq(PretrainedModel):
         )
         return RNNState(state.annotations[index], state.keys[index], state.mask[index], hidden, state.feed[index])
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, source: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing over target (B, T) = start, tokens, end, pad...: logits (B, T-1, V) and the mean loss."""
         state = self.start(source)
         steps = []
@@ -133,7 +135,7 @@ class RNNSeq2Seq(PretrainedModel):
             logits, state = self._logits(target[:, t], state)
             steps.append(logits)
         logits = torch.stack(steps, 1)  # (B, T-1, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), target[:, 1:].flatten(), ignore_index=self.pad)
+        loss = classification_loss(logits, target[:, 1:], label_smoothing, ignore_index=self.pad)
         return logits, loss
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ from torch import nn
 from bigmodel.config import Seq2SeqConfig
 from bigmodel.models.decoding import beam_search, greedy, special_ids
 from bigmodel.models.directory import PretrainedModel
+from bigmodel.nn.losses import classification_loss
 
 
 def sinusoids(length: int, dim: int) -> torch.Tensor:
@@ -177,7 +178,9 @@ class Seq2SeqTransformer(PretrainedModel):
             x = block(x, mask)
         return self.ln_enc(x), mask
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, source: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing. target (B, T) = start, tokens, end, pad...; predicts target[:, 1:] from target[:, :-1].
 
         Returns logits (B, T-1, V) and the mean cross-entropy over non-pad target tokens.
@@ -188,7 +191,7 @@ class Seq2SeqTransformer(PretrainedModel):
         for block in self.decoder_blocks:
             x, _ = block(x, block.cross_attn.keys_values(memory), mask)
         logits = self.lm_head(self.ln_dec(x))  # (B, T-1, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=self.pad)
+        loss = classification_loss(logits, labels, label_smoothing, ignore_index=self.pad)
         return logits, loss
 
     # ----- step-by-step decoding (the StepModel protocol of models/decoding.py) ---------------------------

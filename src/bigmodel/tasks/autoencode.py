@@ -54,7 +54,7 @@ class AutoencodeTask(ExampleTask):
         )
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        _, _, loss = model(**to_device(batch, model))
+        _, _, loss = model(**batch)
         return loss
 
     @torch.no_grad()

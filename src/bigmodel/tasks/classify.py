@@ -137,7 +137,7 @@ class ClassifyTask(ExampleTask):
         return ExampleStream(len(y), micro_batch, seed, lambda idx, _: self._collate(x, y, idx), rank, world_size)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        _, loss = model(**to_device(batch, model))
+        _, loss = model(**batch, label_smoothing=self.config.train.label_smoothing)  # smoothing: training only
         return loss
 
     @torch.no_grad()
@@ -181,5 +181,8 @@ def load_text(data: str | Path) -> TextData:
 
 def _set_or_check(current: int | None, found: int, key: str, source: str) -> int:
     if current is not None and current != found:
-        raise UserError(f"{key}={current} does not match {source} ({found}); remove the setting")
+        raise UserError(
+            f"{key}={current} (from the config or the model) does not match {source}, which has {found}; "
+            "use data of the model's shape, or drop the setting"
+        )
     return found

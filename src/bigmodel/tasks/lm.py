@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigmodel.config import RunConfig
+from bigmodel.config import GPTConfig, RunConfig, arch_of
 from bigmodel.data.loader import TokenShards, WindowLoader, data_fingerprint
 from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.errors import UserError
@@ -46,7 +46,10 @@ class LMTask(Task):
         has_val = self.shards.manifest["splits"]["val"]["tokens"] > 1
         self.val = TokenShards(data, "val") if has_val else None
         self.tokenizer = Tokenizer.from_pretrained(data)
-        model = config.model
+        if not isinstance(config.model, GPTConfig):
+            raise UserError(f"task lm trains GPT models, not model.arch={arch_of(config.model)!r}")
+        self.model_config: GPTConfig = config.model
+        model = self.model_config
         if model.vocab_size is None:
             model.vocab_size = self.tokenizer.vocab_size
         elif model.vocab_size < self.tokenizer.vocab_size:
@@ -56,10 +59,10 @@ class LMTask(Task):
             )
 
     def build_model(self) -> nn.Module:
-        return GPT(self.config.model)
+        return GPT(self.model_config)
 
     def batches(self, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> WindowStream:
-        block = self.config.model.block_size
+        block = self.model_config.block_size
         return WindowStream(WindowLoader(self.shards, block, micro_batch, seed, rank, world_size))
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -97,7 +97,7 @@ class MLMTask(ExampleTask):
         )
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        _, loss = model(**to_device(batch, model))
+        _, loss = model(**batch, label_smoothing=self.config.train.label_smoothing)  # smoothing: training only
         return loss
 
     @torch.no_grad()

@@ -84,7 +84,7 @@ class Seq2SeqTask(ExampleTask):
         )
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        _, loss = model(**to_device(batch, model))
+        _, loss = model(**batch, label_smoothing=self.config.train.label_smoothing)  # smoothing: training only
         return loss
 
     def decode_text(self, ids: list[int]) -> str:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bigmodel.config import GPTConfig, RunConfig, resolve_config
+from bigmodel.config import GPTConfig, RunConfig, arch_of, resolve_config
 from bigmodel.errors import UserError
 
 GiB = 1024**3
@@ -104,6 +104,8 @@ def _fmt(n: float) -> str:
 
 def format_plan(config: RunConfig, world_size: int, memory: float | None) -> str:
     m = config.model
+    if not isinstance(m, GPTConfig):
+        raise UserError(f"bigmodel plan covers GPT language models, not model.arch={arch_of(m)!r}")
     bf16 = config.train.precision != "fp32"  # auto means bf16 on the GPUs and AMX CPUs one plans for
     plans = [plan_memory(m, config.train.micro_batch, world_size, s, bf16) for s in ("ddp", "fsdp")]
     lines = [
@@ -140,10 +142,10 @@ def run_plan(args: Any) -> int:
     config = resolve_config(args.preset, args.config, args.set)
     if args.world_size < 1:
         raise UserError(f"--world-size {args.world_size}: expected an integer >= 1")
+    if config.task != "lm" or not isinstance(config.model, GPTConfig):
+        raise UserError(f"bigmodel plan covers GPT language models; task {config.task!r} is not planned yet")
     if config.model.vocab_size is None:
         config.model.vocab_size = args.vocab_size
-    if config.task != "lm":
-        raise UserError(f"bigmodel plan covers GPT language models; task {config.task!r} is not planned yet")
     memory = parse_bytes(args.memory) if args.memory else None
     print(format_plan(config, args.world_size, memory))
     return 0
