@@ -555,19 +555,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(_EXAMPLE_TRAIN, max_steps=600, lr=3e-3, weight_decay=1e-4),
     },
     "seq2seq": {
-        "model": dict(arch="seq2seq", n_encoder_layer=2, n_decoder_layer=2, n_head=4, n_embd=128, d_ff=512),
-        "train": dict(_EXAMPLE_TRAIN, max_steps=1500, lr=1e-3, warmup_steps=100, eval_every=250, eval_tokens=500),
+        "model": dict(arch="seq2seq", n_encoder_layer=2, n_decoder_layer=2, n_head=4, n_embd=64, d_ff=256, dropout=0.0),
+        "train": dict(_EXAMPLE_TRAIN, max_steps=600, lr=3e-3, warmup_steps=100, eval_every=200, eval_tokens=500),
     },
     "rnn-seq2seq": {
         "model": dict(arch="rnn-seq2seq", cell="gru", attention="bahdanau", n_embd=64, hidden=128),
-        "train": dict(_EXAMPLE_TRAIN, max_steps=1500, lr=3e-3, warmup_steps=50, eval_every=250, eval_tokens=500),
+        "train": dict(_EXAMPLE_TRAIN, max_steps=600, lr=3e-3, warmup_steps=50, eval_every=200, eval_tokens=500),
     },
     "encoder": {
         "model": dict(arch="encoder", block_size=128, n_layer=2, n_head=4, n_embd=128, d_ff=512),
         "train": dict(_EXAMPLE_TRAIN, max_steps=1000, lr=1e-3, warmup_steps=50, batch_size=32, micro_batch=32),
     },
     "autoencoder": {
-        "model": dict(arch="autoencoder", hidden=64, sparsity="l1", l1=1e-3),
+        "model": dict(arch="autoencoder", hidden=64, sparsity="l1", l1=1e-2),
         "train": dict(_EXAMPLE_TRAIN, max_steps=1000, lr=3e-3, weight_decay=0.0),
     },
 }

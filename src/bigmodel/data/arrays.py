@@ -67,7 +67,11 @@ def load_arrays(spec: str | Path, need_labels: bool = True) -> ArrayData:
     text = str(spec)
     if text in BUILTIN_ARRAYS:
         x, y, names = _builtin(text)
-        return _split(text, x, y if need_labels else None, names if need_labels else [])
+        data = _split(text, x, y, names)  # stratified by class even when the labels are not used
+        if not need_labels:
+            data.y_train = data.y_val = None
+            data.labels = []
+        return data
     path = Path(spec)
     if path.is_dir():
         return _from_folder(path, need_labels)
