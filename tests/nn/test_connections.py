@@ -262,3 +262,12 @@ def test_connection_factory_matches_the_formulas(kind: str, kw: dict) -> None:
     layer = connection(kind, 64, 16, **kw)
     assert n_params(layer) == connection_params(kind, 64, 16, **kw)
     assert layer(torch.randn(2, 64)).shape == (2, 16)
+
+
+def test_gpt_embedding_and_output_are_one_tied_tensor() -> None:
+    from conftest import tiny_gpt
+
+    model = tiny_gpt()
+    assert tied_names(model) == {"lm_head.weight": "transformer.wte.weight"}
+    assert "lm_head.weight" not in unique_state_dict(model)
+    assert model.num_params(non_embedding=False) == n_params(model)  # counted once
