@@ -5,7 +5,7 @@ the kept connections (CSR, int32 indices). Prints one row per density: time of e
 (sparse / dense, < 1 = sparse faster), the weight memory of each (values + indices for sparse), and the
 memory ratio. Medians of --repeats timed runs after a warm-up. On a shared machine, run it twice.
 
-    python benchmarks/connections.py                       # 2048 x 2048, batch 64
+    python benchmarks/connections.py                       # 2048 x 2048, batch 64, one thread
     python benchmarks/connections.py --m 4096 --k 4096 --batch 128 --threads 2
 """
 
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=2048, help="outputs")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2-thread runs on a shared machine stall)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

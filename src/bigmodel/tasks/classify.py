@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from bigmodel.config import EncoderConfig, MLPConfig, MultiInputConfig, RunConfig, arch_of
@@ -99,7 +100,8 @@ class ClassifyTask(ExampleTask):
 
     def _encode(self, texts: list[str], block_size: int) -> list[torch.Tensor]:
         assert self.tokenizer is not None
-        return [torch.tensor(ids[:block_size], dtype=torch.long) for ids in self.tokenizer.encode_batch(texts)]
+        eot = [self.tokenizer.eot_id]  # an empty text still has one token (attention needs a key)
+        return [torch.tensor(ids[:block_size] or eot, dtype=torch.long) for ids in self.tokenizer.encode_batch(texts)]
 
     # ----- the Task contract -----------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -108,8 +110,6 @@ class ClassifyTask(ExampleTask):
             encoder = Encoder(model)
             if model.init_from:
                 weights = Path(model.init_from) / "model.safetensors"
-                from safetensors.torch import load_file
-
                 trunk = {k: v for k, v in load_file(weights).items() if k.startswith(Encoder.TRUNK)}
                 missing = load_weights(encoder, trunk, str(weights), strict=False)
                 assert all(k.startswith("classifier.") for k in missing), missing
