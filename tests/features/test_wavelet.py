@@ -87,7 +87,11 @@ def test_2d_transforms_equal_pywt_on_an_image(name: str, mode: str) -> None:
     cA, details = W.dwt2(IMAGE, name, mode)
     ref_a, ref_d = pywt.dwt2(IMAGE, name, mode=mode)
     close_list([cA, details], [ref_a, ref_d], atol=1e-7)
-    close(W.idwt2((cA, (None, details[1], None)), name, mode), pywt.idwt2((ref_a, (None, ref_d[1], None)), name, mode), atol=1e-7)
+    close(
+        W.idwt2((cA, (None, details[1], None)), name, mode),
+        pywt.idwt2((ref_a, (None, ref_d[1], None)), name, mode),
+        atol=1e-7,
+    )
 
 
 def test_tensors_keep_kind_dtype_device_and_axis() -> None:
@@ -205,7 +209,11 @@ def test_wavelet_features_estimator_contract_and_pipeline() -> None:
     assert clone(est).get_params() == est.get_params()
     with pytest.raises(NotFittedError, match="not fitted yet"):
         est.transform(ECG[None])
-    assert est.set_params(level=None) is est and est.fit(ECG[None, :256]) is est and est.level_ == pywt.dwt_max_level(256, "db2")
+    assert (
+        est.set_params(level=None) is est
+        and est.fit(ECG[None, :256]) is est
+        and est.level_ == pywt.dwt_max_level(256, "db2")
+    )
     with pytest.raises(ValueError, match="samples per signal"):
         est.transform(ECG[None, :200])
     # heartbeats against noise with the same spectrum envelope: wavelet energies separate them

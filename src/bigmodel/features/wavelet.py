@@ -83,7 +83,7 @@ def dwt_max_level(data_len: int, filter_len: int | str | Wavelet) -> int:
 
 def _block(filter_len: int) -> int:
     """Output pairs per block: long enough for an efficient matrix multiply, short enough to waste little."""
-    return max(8, filter_len // 2)
+    return 8 if filter_len <= 16 else 16
 
 
 # ------------------------------------------------------------------------------- gather plans, matrices
@@ -95,8 +95,8 @@ def _analysis_index(N: int, F_len: int, mode: str, bo: int, block_in: int | None
 
     Output o of a level is sum_j w[j] x_ext[2 o + j + s]; block b covers outputs b*Bo .. b*Bo + Bo - 1 and
     needs extended positions 2 Bo b + s .. 2 Bo b + s + W - 1. The source is the plain signal (block_in
-    None; column N is a zero column in "zero" mode) or a previous level's output laid out as blocks of
-    2 * block_in + 1 columns whose last column is always zero.
+    None; in "zero" mode column N is zero) or a previous level's output laid out as blocks of 2 block_in
+    columns (2 block_in + 1 in "zero" mode, the last one zero).
     """
     n = dwt_coeff_len(N, F_len, mode)
     nb, W = -(-n // bo), 2 * bo + F_len - 2
@@ -112,16 +112,17 @@ def _analysis_index(N: int, F_len: int, mode: str, bo: int, block_in: int | None
     if block_in is None:
         col, zero_col = p, N
     else:
-        col, zero_col = (p // block_in) * (2 * block_in + 1) + p % block_in, 2 * block_in
+        width = 2 * block_in + (mode == "zero")
+        col, zero_col = (p // block_in) * width + p % block_in, 2 * block_in
     col = np.where(p < 0, zero_col, col)
     return torch.from_numpy(col.reshape(-1).astype(np.int64)).to(device)
 
 
 @lru_cache(maxsize=256)
-def _analysis_matrix(w: Wavelet, bo: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(W, 2 Bo + 1) band matrix: column i is the low-pass output i, Bo + i the high-pass, the last is zero."""
+def _analysis_matrix(w: Wavelet, bo: int, zero_col: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(W, 2 Bo) band matrix: column i is the low-pass output i, Bo + i the high-pass (plus a zero column)."""
     F_len = w.filter_len
-    M = np.zeros((2 * bo + F_len - 2, 2 * bo + 1))
+    M = np.zeros((2 * bo + F_len - 2, 2 * bo + zero_col))
     for i in range(bo):  # w[j] = dec[F - 1 - j]: the reversed decomposition filters = the reconstruction ones
         M[2 * i : 2 * i + F_len, i] = w.rec_lo
         M[2 * i : 2 * i + F_len, bo + i] = w.rec_hi
@@ -171,7 +172,8 @@ def _synthesis_matrix(w: Wavelet, periodic: bool, bo: int, dtype: torch.dtype, d
 
 
 class _Blocked:
-    """A level's output (B, nb, 2 Bo + 1): low-pass in columns [0, Bo), high-pass in [Bo, 2 Bo), zero last."""
+    """A level's output (B, nb, 2 Bo [+ 1]): low-pass in columns [0, Bo), high-pass in [Bo, 2 Bo), then
+    in "zero" mode a zero column that the next level reads for samples outside the signal."""
 
     def __init__(self, r: torch.Tensor, n: int, bo: int) -> None:
         self.r, self.n, self.bo = r, n, bo
@@ -193,8 +195,9 @@ def _analysis(x: torch.Tensor | _Blocked, N: int, w: Wavelet, mode: str) -> _Blo
     idx = _analysis_index(N, F_len, mode, bo, block_in, src.device)
     B, n = src.shape[0], dwt_coeff_len(N, F_len, mode)
     windows = src.index_select(1, idx).view(-1, 2 * bo + F_len - 2)  # (B * nb, W)
-    r = windows @ _analysis_matrix(w, bo, src.dtype, src.device)  # (B * nb, 2 Bo + 1)
-    return _Blocked(r.view(B, -1, 2 * bo + 1), n, bo)
+    M = _analysis_matrix(w, bo, mode == "zero", src.dtype, src.device)
+    r = windows @ M  # (B * nb, 2 Bo [+ 1])
+    return _Blocked(r.view(B, -1, M.shape[1]), n, bo)
 
 
 def _synthesis(a: torch.Tensor | None, d: torch.Tensor | None, w: Wavelet, mode: str) -> torch.Tensor:
@@ -318,7 +321,9 @@ def dwt(x: Any, wavelet: str | Wavelet = "db4", mode: str = "symmetric", axis: i
     t, as_numpy = _signal(x)
     rows, lead = _rows(t, axis)
     out = _analysis(rows, rows.shape[1], w, mode)
-    return same_kind(_unrows(out.approx(), lead, axis), as_numpy), same_kind(_unrows(out.detail(), lead, axis), as_numpy)
+    return same_kind(_unrows(out.approx(), lead, axis), as_numpy), same_kind(
+        _unrows(out.detail(), lead, axis), as_numpy
+    )
 
 
 def idwt(cA: Any, cD: Any, wavelet: str | Wavelet = "db4", mode: str = "symmetric", axis: int = -1) -> Any:
@@ -401,7 +406,9 @@ def _idwt_axis(a: torch.Tensor | None, d: torch.Tensor | None, w: Wavelet, mode:
     return _unrows(_synthesis(ra, rd, w, mode), lead, axis)
 
 
-def _dwt2(t: torch.Tensor, w: Wavelet, mode: str, axes: tuple[int, int]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def _dwt2(
+    t: torch.Tensor, w: Wavelet, mode: str, axes: tuple[int, int]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     lo, hi = _dwt_axis(t, w, mode, axes[1])
     aa, da = _dwt_axis(lo, w, mode, axes[0])
     ad, dd = _dwt_axis(hi, w, mode, axes[0])
@@ -660,7 +667,9 @@ class WaveletFeatures(Estimator):
         self._check_fitted("level_")
         t, as_numpy = to_tensor(X)
         if t.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {t.shape[1]} samples per signal, but WaveletFeatures was fitted with {self.n_features_in_}")
+            raise ValueError(
+                f"X has {t.shape[1]} samples per signal, but WaveletFeatures was fitted with {self.n_features_in_}"
+            )
         with torch.no_grad() if as_numpy else contextlib.nullcontext():
             out = self.to_module()(t)
         return same_kind(out, as_numpy)

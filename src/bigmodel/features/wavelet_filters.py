@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from math import comb
 
 import numpy as np
@@ -68,7 +68,7 @@ def filter_bank(name: str | Wavelet) -> Wavelet:
     return _design(name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _design(name: str) -> Wavelet:
     if name == "haar":
         rec_lo = _daubechies(1)
