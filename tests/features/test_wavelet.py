@@ -108,6 +108,21 @@ def test_tensors_keep_kind_dtype_device_and_axis() -> None:
     close_list([W.dwt2(img, "db2", axes=(1, 3))], [pywt.dwt2(img.numpy(), "db2", axes=(1, 3))], atol=1e-9)
 
 
+def test_missing_bands_count_as_zeros() -> None:
+    coeffs = pywt.wavedec(ECG, "db3", level=4)
+    for keep in range(len(coeffs)):  # one band alone (the multiresolution view in examples/)
+        given = [c if i == keep else None for i, c in enumerate(coeffs)]
+        ours = W.waverec(given, "db3")
+        if keep <= 1:  # pywt takes None only while the approximation is given; then lengths agree too
+            close(ours, pywt.waverec(given, "db3"), atol=1e-8)
+        zeros = pywt.waverec([c if i == keep else np.zeros_like(c) for i, c in enumerate(coeffs)], "db3")
+        close(ours[: len(zeros)], zeros, atol=1e-8)  # None trims nothing: extra samples only at the end
+    cs2 = pywt.wavedec2(IMAGE, "haar", level=2)
+    ours = W.waverec2([None, (None, None, None), (cs2[2][0], None, None)], "haar")
+    zeros = pywt.waverec2([np.zeros_like(cs2[0]), (None, None, None), (cs2[2][0], None, None)], "haar")
+    close(ours, zeros, atol=1e-9)
+
+
 def test_gradients_flow_through_transforms_and_layers() -> None:
     x = torch.randn(2, 23, dtype=torch.float64, requires_grad=True)
     for mode in W.MODES:

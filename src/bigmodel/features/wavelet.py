@@ -301,6 +301,8 @@ def _wavedec_rows(x: torch.Tensor, w: Wavelet, mode: str, level: int) -> list[to
 def _waverec_rows(coeffs: Sequence[torch.Tensor | None], w: Wavelet, mode: str) -> torch.Tensor:
     a = coeffs[0]
     for d in coeffs[1:]:
+        if a is None and d is None:  # zeros in, zeros out: stays None until a band is given
+            continue
         if a is not None and d is not None:
             if a.shape[-1] == d.shape[-1] + 1:  # a non-periodized level can return one extra sample
                 a = a[..., :-1]
@@ -498,6 +500,8 @@ def waverec2(
             raise ValueError("each detail level must be a tuple (cH, cV, cD)")
         ds = [_coef(c, like) for c in details]
         ref = next((c for c in ds if c is not None), None)
+        if a is None and ref is None:  # zeros in, zeros out
+            continue
         if a is not None and ref is not None:
             for axis in ax:  # a non-periodized level can return one extra sample per axis
                 if a.shape[axis] == ref.shape[axis] + 1:
