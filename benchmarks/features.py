@@ -100,11 +100,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=50_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=["pca", "wavelet"], default=None)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0, help="limit torch and BLAS threads (0: their defaults)")
     args = ap.parse_args()
-    if args.threads:
+    if args.threads:  # the same limit for torch and for numpy/scipy's BLAS (scikit-learn, PyWavelets)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.threads)
         torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}")
+    print(f"threads: {args.threads or 'default'} (torch uses {torch.get_num_threads()})")
     if args.only in (None, "pca"):
         decompositions(args.rows, args.repeats)
     if args.only in (None, "wavelet"):

@@ -57,6 +57,15 @@ def _svd_right(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return S, Vt
 
 
+def _gram(X: torch.Tensor) -> torch.Tensor:
+    """X.T @ X (d, d). On CPU through numpy's matmul, which recognises a product with its own transpose and
+    calls BLAS syrk: half the multiplications of the general product torch would run."""
+    if X.device.type == "cpu" and not X.requires_grad and X.dtype in (torch.float32, torch.float64):
+        a = X.numpy()
+        return torch.from_numpy(a.T @ a)
+    return X.t() @ X
+
+
 def flip_signs(Vt: torch.Tensor, U: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Deterministic signs (scikit-learn's svd_flip, V-based): each row of Vt has its largest |entry| > 0."""
     idx = Vt.abs().argmax(dim=1)
@@ -202,7 +211,7 @@ class PCA(_Projection):
             S, Vt = _svd_right(xc)
             total = (S**2).sum() / (n - 1)
         elif solver == "covariance_eigh":  # one pass over X: eigenvectors of the (d, d) covariance
-            evals, evecs = torch.linalg.eigh(t.t() @ t - n * torch.outer(mean, mean))
+            evals, evecs = torch.linalg.eigh(_gram(t) - n * torch.outer(mean, mean))
             evals, Vt = evals.flip(0).clamp(min=0), evecs.flip(1).t()  # descending
             S = (evals).sqrt()
             total = evals.sum() / (n - 1)
