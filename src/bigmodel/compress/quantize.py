@@ -53,15 +53,16 @@ def _per_row_dynamic(
 ) -> torch.Tensor:
     """fbgemm's dynamic int8 matmul with every row of x (M, in) quantized on its own grid, plus the bias.
 
-    fbgemm picks one activation range for the whole input; scaling each row to max |x| = 1 and appending
-    two pinning rows (+1s and -1s, already in `staging` (M + 2, in) below the M rows) fixes that range to
-    [-1, 1] whatever the other rows hold, so a row's result never depends on the rest of the batch or on
-    later positions (the model stays causal). Five ops per call: decoding is bound by per-op overhead.
+    fbgemm picks one activation range for the whole input. Each row is scaled to max |x| = 1 and written
+    into `staging` (M, in + 2), whose last two columns hold +1 and -1 (their weights are zero), so the
+    range is [-1, 1] whatever the other rows hold: a row's result never depends on the rest of the batch
+    or on later positions (the model stays causal). Pinning with columns rather than extra rows keeps a
+    decoding step at M = 1, fbgemm's fast path, and it takes five ops: decoding is bound by per-op costs.
     """
-    M = x.size(0)
+    M, K = x.shape
     m = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True).clamp_(min=1e-12)  # (M, 1)
-    torch.div(x, m, out=staging[:M])
-    y = torch.ops.quantized.linear_dynamic(staging, packed, True)[:M]  # (M, out)
+    torch.div(x, m, out=staging[:, :K])
+    y = torch.ops.quantized.linear_dynamic(staging, packed, True)  # (M, out)
     return torch.addcmul(bias, y, m) if bias is not None else y.mul_(m)
 
 
@@ -75,8 +76,7 @@ class Int8Linear(nn.Module):
 
     weight_int8: torch.Tensor  # (out, in) int8
     scales: torch.Tensor  # (out,) fp32
-    pins: torch.Tensor  # (2, in): +1s and -1s that fix fbgemm's activation range (see _per_row_dynamic)
-    _staging: dict[int, torch.Tensor]  # rows -> (rows + 2, in) input buffer with the pins in its last 2 rows
+    _staging: dict[int, torch.Tensor]  # rows -> (rows, in + 2) input buffer, last 2 columns +1 and -1
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -85,8 +85,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        self.packed = _fbgemm_pack(q, scales) if weight.device.type == "cpu" else None
-        self.register_buffer("pins", torch.stack([torch.ones(self.in_features), -torch.ones(self.in_features)]))
+        pinned = torch.cat([q, q.new_zeros(self.out_features, 2)], dim=1)  # zero weights for the pin columns
+        self.packed = _fbgemm_pack(pinned, scales) if weight.device.type == "cpu" else None
         self._staging = {}
 
     def _staging_for(self, rows: int) -> torch.Tensor:
@@ -95,8 +95,8 @@ class Int8Linear(nn.Module):
         if buf is None:
             if len(self._staging) > 8:  # prefill lengths vary: keep a handful, not one per length
                 self._staging.clear()
-            buf = torch.empty(rows + 2, self.in_features, device=self.pins.device)
-            buf[rows:] = self.pins
+            buf = torch.empty(rows, self.in_features + 2, device=self.scales.device)
+            buf[:, -2], buf[:, -1] = 1.0, -1.0
             self._staging[rows] = buf
         return buf
 
