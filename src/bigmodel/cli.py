@@ -174,19 +174,23 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser(
         "features",
-        help="fit a PCA / TruncatedSVD / IncrementalPCA on .npy or .csv, or transform with one",
+        help="fit a PCA / TruncatedSVD / IncrementalPCA / wavelet features on .npy or .csv, or transform",
         formatter_class=fmt,
         epilog="example:\n  bigmodel features fit pca data.npy --n-components 0.95 --out pca/\n"
-        "  bigmodel features transform pca/ data.npy --out features.npy",
+        "  bigmodel features transform pca/ data.npy --out features.npy\n"
+        "  bigmodel features fit wavelet signals.npy --wavelet sym4 --level 5 --out wav/",
     )
     fsub = f.add_subparsers(dest="action", required=True, metavar="ACTION")
     ff = fsub.add_parser("fit", help="fit an estimator and save it (safetensors + JSON)")
-    ff.add_argument("kind", choices=["pca", "truncated-svd", "incremental-pca"])
+    ff.add_argument("kind", choices=["pca", "truncated-svd", "incremental-pca", "wavelet"])
     ff.add_argument("input", help=".npy (memory-mapped) or .csv matrix, rows are samples")
     ff.add_argument("--out", required=True, help="folder for estimator.safetensors + estimator.json")
     ff.add_argument("--n-components", default=None, help="a count, or a variance fraction such as 0.95 (PCA)")
     ff.add_argument("--whiten", action="store_true", help="scale components to unit variance (PCA)")
     ff.add_argument("--batch-size", type=_positive_int, default=None, help="rows per batch (incremental-pca)")
+    ff.add_argument("--wavelet", default="db4", help="haar, db1-db8, sym2-sym8, coif1-coif5 (wavelet)")
+    ff.add_argument("--level", type=int, default=None, help="decomposition levels; default the deepest (wavelet)")
+    ff.add_argument("--mode", default="symmetric", help="symmetric | periodization | zero (wavelet)")
     ft = fsub.add_parser("transform", help="transform a matrix with a saved estimator")
     ft.add_argument("model", help="folder written by `bigmodel features fit`")
     ft.add_argument("input", help=".npy or .csv matrix")

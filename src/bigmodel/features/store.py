@@ -16,8 +16,14 @@ from bigmodel import atomic
 from bigmodel.errors import UserError
 from bigmodel.features.base import Estimator
 from bigmodel.features.decompose import PCA, IncrementalPCA, TruncatedSVD
+from bigmodel.features.wavelet import WaveletFeatures
 
-ESTIMATORS: dict[str, type[Estimator]] = {"pca": PCA, "truncated-svd": TruncatedSVD, "incremental-pca": IncrementalPCA}
+ESTIMATORS: dict[str, type[Estimator]] = {
+    "pca": PCA,
+    "truncated-svd": TruncatedSVD,
+    "incremental-pca": IncrementalPCA,
+    "wavelet": WaveletFeatures,
+}
 FORMAT_VERSION = 1
 
 
@@ -95,6 +101,10 @@ def run_features(args: Any) -> int:
             params["whiten"] = args.whiten
         if args.kind == "incremental-pca" and args.batch_size:
             params["batch_size"] = args.batch_size
+        if args.kind == "wavelet":
+            if args.n_components is not None:
+                raise UserError("--n-components does not apply to wavelet features; use --wavelet/--level/--mode")
+            params = {"wavelet": args.wavelet, "level": args.level, "mode": args.mode}
         est = ESTIMATORS[args.kind](**params)
         if args.kind != "incremental-pca":
             X = np.asarray(X)
@@ -104,6 +114,8 @@ def run_features(args: Any) -> int:
         ratio = getattr(est, "explained_variance_ratio_", None)
         if ratio is not None:
             summary += f" ({len(ratio)} components, {float(np.sum(ratio)):.1%} of the variance)"
+        if args.kind == "wavelet":
+            summary += f" ({est.level_} levels, {est.n_features_out_} features per signal)"  # type: ignore[attr-defined]
         print(summary, file=sys.stderr)
         return 0
     est = load_estimator(args.model)
