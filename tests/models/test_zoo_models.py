@@ -173,3 +173,14 @@ def test_load_model_reads_gpt_directories(tmp_path: Path) -> None:
     )
     with pytest.raises(UserError, match="does not fit"):
         load_model(tmp_path / "w")
+
+
+def test_transformer_families_list_their_blocks_for_fsdp() -> None:
+    from bigmodel.config import Seq2SeqConfig
+    from bigmodel.models.seq2seq import Seq2SeqTransformer
+    from bigmodel.train.distributed import transformer_blocks
+
+    enc = _encoder()
+    assert transformer_blocks(enc) == list(enc.layers)
+    s2s = Seq2SeqTransformer(Seq2SeqConfig(vocab_size=20, n_embd=16, n_head=2, d_ff=32))
+    assert transformer_blocks(s2s) == [*s2s.encoder, *s2s.decoder]

@@ -56,7 +56,7 @@ class MLMHead(nn.Module):
 class Encoder(PretrainedModel):
     config_class = EncoderConfig
     task = "mlm"
-    TRUNK = ("wte.", "wpe.", "blocks.", "ln_f.")  # what a classifier takes from a pretrained masked LM
+    TRUNK = ("wte.", "wpe.", "layers.", "ln_f.")  # what a classifier takes from a pretrained masked LM
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config)
@@ -67,7 +67,7 @@ class Encoder(PretrainedModel):
         self.wte = nn.Embedding(V, c.n_embd)
         self.wpe = nn.Embedding(c.block_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList([Block(c) for _ in range(c.n_layer)])
+        self.layers = nn.ModuleList([Block(c) for _ in range(c.n_layer)])
         self.ln_f = nn.LayerNorm(c.n_embd)
         self.apply(self._init)
         self.mlm: MLMHead | None = None
@@ -76,6 +76,10 @@ class Encoder(PretrainedModel):
             self.mlm = MLMHead(c, self.wte)
         else:
             self.classifier = nn.Linear(c.n_embd, c.n_classes)
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks (what FSDP shards one by one)."""
+        return list(self.layers)
 
     def saved_task(self) -> str:
         return "mlm" if self.config.n_classes is None else "classify"
@@ -95,7 +99,7 @@ class Encoder(PretrainedModel):
         real = input_ids != self.pad_id  # (B, T)
         x = self.drop(self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device)))  # (B, T, C)
         attn_mask = real[:, None, None, :]  # (B, 1, 1, T): no token attends to padding
-        for block in self.blocks:
+        for block in self.layers:
             x = block(x, attn_mask)
         return self.ln_f(x), real
 

@@ -159,6 +159,10 @@ class Seq2SeqTransformer(PretrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks, encoder then decoder (what FSDP shards one by one)."""
+        return [*self.encoder, *self.decoder]
+
     @property
     def decoder_blocks(self) -> list[DecoderBlock]:
         return cast(list[DecoderBlock], list(self.decoder))
