@@ -59,6 +59,9 @@ def test_metrics_csv(tiny_run: tuple[TrainResult, RunConfig]) -> None:
             "elapsed_s",
             "skipped_steps",
             "loss_spike",
+            "val_metric",
+            "penalty_l1",
+            "penalty_l2",
         ]
         == COLUMNS
     )

@@ -48,24 +48,35 @@ def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor) -> object | None:
             return None
 
 
-def _per_row_dynamic(x: torch.Tensor, packed: object, pins: torch.Tensor) -> torch.Tensor:
-    """fbgemm's dynamic int8 matmul with every row of x (M, in) quantized on its own grid.
+def _per_row_dynamic(
+    x: torch.Tensor, packed: object, staging: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """fbgemm's dynamic int8 matmul with every row of x (M, in) quantized on its own grid, plus the bias.
 
     fbgemm picks one activation range for the whole input; scaling each row to max |x| = 1 and appending
-    `pins` (a row of +1s and one of -1s) fixes that range to [-1, 1] whatever the other rows hold, so a
-    row's result never depends on the rest of the batch or on later positions (the model stays causal).
+    two pinning rows (+1s and -1s, already in `staging` (M + 2, in) below the M rows) fixes that range to
+    [-1, 1] whatever the other rows hold, so a row's result never depends on the rest of the batch or on
+    later positions (the model stays causal). Five ops per call: decoding is bound by per-op overhead.
     """
+    M = x.size(0)
     m = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True).clamp_(min=1e-12)  # (M, 1)
-    y = torch.ops.quantized.linear_dynamic(torch.cat([x / m, pins]), packed, True)  # (M + 2, out)
-    return y[: x.size(0)].mul_(m)
+    torch.div(x, m, out=staging[:M])
+    y = torch.ops.quantized.linear_dynamic(staging, packed, True)[:M]  # (M, out)
+    return torch.addcmul(bias, y, m) if bias is not None else y.mul_(m)
 
 
 class Int8Linear(nn.Module):
-    """A frozen Linear with int8 row-quantized weights."""
+    """A frozen Linear with int8 row-quantized weights.
+
+    It reuses an input staging buffer between calls (fewer ops per decoding step), so one instance must not
+    be called from several threads at once; the generation engine (and the server's engine thread) call a
+    model from one thread.
+    """
 
     weight_int8: torch.Tensor  # (out, in) int8
     scales: torch.Tensor  # (out,) fp32
     pins: torch.Tensor  # (2, in): +1s and -1s that fix fbgemm's activation range (see _per_row_dynamic)
+    _staging: dict[int, torch.Tensor]  # rows -> (rows + 2, in) input buffer with the pins in its last 2 rows
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -76,14 +87,25 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self.packed = _fbgemm_pack(q, scales) if weight.device.type == "cpu" else None
         self.register_buffer("pins", torch.stack([torch.ones(self.in_features), -torch.ones(self.in_features)]))
+        self._staging = {}
+
+    def _staging_for(self, rows: int) -> torch.Tensor:
+        """A reusable input buffer per row count (decoding calls with the same count every step)."""
+        buf = self._staging.get(rows)
+        if buf is None:
+            if len(self._staging) > 8:  # prefill lengths vary: keep a handful, not one per length
+                self._staging.clear()
+            buf = torch.empty(rows + 2, self.in_features, device=self.pins.device)
+            buf[rows:] = self.pins
+            self._staging[rows] = buf
+        return buf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         if self.packed is not None:
-            y = _per_row_dynamic(x2 if x2.dtype == torch.float32 else x2.float(), self.packed, self.pins)
-            if self.bias is not None:
-                y.add_(self.bias)
+            xf = x2 if x2.dtype == torch.float32 else x2.float()
+            y = _per_row_dynamic(xf, self.packed, self._staging_for(xf.size(0)), self.bias)
             y = y if x.dtype == torch.float32 else y.to(x.dtype)  # (M, out)
         else:
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(x2.dtype))
