@@ -22,7 +22,7 @@ calibration error (ECE, 15 bins) are computed here, from the saved model directo
 test split. Every cell is the mean ± sample standard deviation over `n` training seeds (ensembles: over `n`
 disjoint sets of 5 seeds).
 
-Run: `python benchmarks/generalization.py` (about 15 minutes on 2 shared cores, 2 runs at a time), `--quick`
+Run: `python benchmarks/generalization.py` (7 to 11 minutes on 2 shared cores, 2 runs at a time), `--quick`
 for a smoke run (a few minutes), `--tasks digits lm` to choose, `--jobs 1` for one run at a time.
 """
 
@@ -126,7 +126,11 @@ def classifier_techniques(spec: TaskSpec) -> dict[str, list[str]]:
 
 ENSEMBLE = f"ensemble of {ENSEMBLE_SIZE} (soft vote)"
 BEST_MEMBER = f"best of the {ENSEMBLE_SIZE} members"
-LM_TECHNIQUES = ("baseline", "label smoothing 0.1", "average of last 5 checkpoints")
+
+# The language model: a tiny GPT on the char-level Shakespeare; label smoothing, and the average of the
+# baseline's last LM_AVERAGE checkpoints.
+LM_STEPS, LM_QUICK_STEPS, LM_AVERAGE = 300, 100, 5
+LM_TECHNIQUES = ("baseline", "label smoothing 0.1", f"average of last {LM_AVERAGE} checkpoints")
 LM_BASE = [
     "model.block_size=64",
     "model.n_layer=2",
@@ -141,11 +145,10 @@ LM_BASE = [
     "train.eval_every=0",
     "train.keep_checkpoints=5",
 ]
-LM_STEPS, LM_QUICK_STEPS, LM_AVERAGE = 300, 100, 5
 LM_EVAL_TOKENS = 32_768  # the same val windows for every LM variant (loss, bits per byte and token ECE)
 
 
-# ----- statistics and the table (pure functions: tests/test_benchmark_generalization.py checks them) ------------
+# ----- statistics and the table (pure functions, checked by tests/test_benchmark_generalization.py) ---------
 
 
 @dataclass
@@ -366,7 +369,7 @@ def run_loop(preset: str, data: str | Path, out: Path, sets: list[str], task: st
 
 
 @torch.no_grad()
-def test_probabilities(model_dir: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
+def probabilities_on_test(model_dir: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
     """A saved classifier's probabilities (N, C) on the test split, and the test labels as its class ids (N,)."""
     model = load_model(model_dir)
     model.eval()
@@ -425,7 +428,7 @@ def run_classifier(job: ClassifierJob, root: Path) -> Outcome:
     t = time.time()
     result = run_loop(spec.preset, job.split.data, out, sets, spec.task)
     selected = out / ("best" if job.technique == "early stopping" else "final")
-    outcome = score(*test_probabilities(selected, job.split))
+    outcome = score(*probabilities_on_test(selected, job.split))
     assert result.val is not None
     outcome.steps, outcome.val_accuracy, outcome.val_loss = result.steps, result.val["accuracy"], result.val["loss"]
     _progress(
