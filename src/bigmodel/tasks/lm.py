@@ -72,7 +72,8 @@ class LMTask(Task):
 
     def evaluate(self, model: nn.Module, *, limit: int | None = None) -> dict[str, float]:
         assert self.val is not None and isinstance(model, GPT)
-        return {k: float(v) for k, v in evaluate(model, self.val, max_tokens=limit).items()}
+        scores: dict[str, float] = dict(evaluate(model, self.val, max_tokens=limit))  # "tokens" stays an int
+        return scores
 
     def save(self, model: nn.Module, out: Path) -> None:
         assert isinstance(model, GPT)
