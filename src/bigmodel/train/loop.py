@@ -149,7 +149,7 @@ def _train(
     if resume_from is not None:
         changed = checkpoint.check_compatible(resume_from, config)
         if changed and ctx.is_main:
-            warnings.warn(f"resuming with changed training settings: {'; '.join(changed)}", stacklevel=2)
+            warnings.warn(f"resuming with changed training settings: {'; '.join(changed)}", stacklevel=3)
         restore(resume_from)
         say(f"resumed from {resume_from} at step {step}")
     if ctx.is_main:
