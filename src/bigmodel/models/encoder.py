@@ -17,7 +17,7 @@ from torch import nn
 
 from bigmodel.config import EncoderConfig
 from bigmodel.models.directory import PretrainedModel
-from bigmodel.models.seq2seq import Attention, FeedForward
+from bigmodel.models.seq2seq import EncoderBlock
 from bigmodel.nn.losses import classification_loss
 
 IGNORE = -100  # label of positions without a prediction target (F.cross_entropy's ignore_index)
@@ -26,19 +26,6 @@ IGNORE = -100  # label of positions without a prediction target (F.cross_entropy
 def encoder_special_ids(vocab_size: int) -> tuple[int, int]:
     """(mask, pad) ids: the vocabulary's last two."""
     return vocab_size - 2, vocab_size - 1
-
-
-class Block(nn.Module):
-    def __init__(self, c: EncoderConfig) -> None:
-        super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(c.n_embd), Attention(c.n_embd, c.n_head, c.dropout)
-        self.ln_2, self.ff = nn.LayerNorm(c.n_embd), FeedForward(c.n_embd, c.d_ff, c.dropout)
-        self.drop = nn.Dropout(c.dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.drop(self.attn(h, *self.attn.keys_values(h), mask))
-        return x + self.ff(self.ln_2(x))
 
 
 class MLMHead(nn.Module):
@@ -67,7 +54,7 @@ class Encoder(PretrainedModel):
         self.wte = nn.Embedding(V, c.n_embd)
         self.wpe = nn.Embedding(c.block_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        self.layers = nn.ModuleList([Block(c) for _ in range(c.n_layer)])
+        self.layers = nn.ModuleList([EncoderBlock(c) for _ in range(c.n_layer)])
         self.ln_f = nn.LayerNorm(c.n_embd)
         self.apply(self._init)
         self.mlm: MLMHead | None = None

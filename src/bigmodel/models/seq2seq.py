@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigmodel.config import Seq2SeqConfig
+from bigmodel.config import EncoderConfig, Seq2SeqConfig
 from bigmodel.models.decoding import beam_search, greedy, special_ids
 from bigmodel.models.directory import PretrainedModel
 from bigmodel.nn.losses import classification_loss
@@ -77,7 +77,9 @@ class FeedForward(nn.Sequential):
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, c: Seq2SeqConfig) -> None:
+    """Pre-norm bidirectional block (padding masked); also the trunk block of the BERT-style `encoder`."""
+
+    def __init__(self, c: Seq2SeqConfig | EncoderConfig) -> None:
         super().__init__()
         self.ln_1, self.attn = nn.LayerNorm(c.n_embd), Attention(c.n_embd, c.n_head, c.dropout)
         self.ln_2, self.ff = nn.LayerNorm(c.n_embd), FeedForward(c.n_embd, c.d_ff, c.dropout)

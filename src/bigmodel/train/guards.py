@@ -10,6 +10,7 @@ SIGINT (Ctrl-C) and SIGTERM (preemption) into a request to stop at the next step
 
 from __future__ import annotations
 
+import math
 import signal
 import statistics
 import sys
@@ -34,12 +35,12 @@ class NonFiniteGuard:
 
     def check(self, step: int, loss: float, grad_norm: float) -> str:
         """'ok' for a finite step; else the action to take: 'skip' or 'rollback' (or raise to stop)."""
-        if _finite(loss) and _finite(grad_norm):
+        if math.isfinite(loss) and math.isfinite(grad_norm):
             self.in_row = 0
             return "ok"
         self.total += 1
         self.in_row += 1
-        kind = "loss" if not _finite(loss) else "gradient norm"
+        kind = "loss" if not math.isfinite(loss) else "gradient norm"
         what = f"non-finite {kind} at step {step} (loss {loss}, grad norm {grad_norm})"
         if self.policy == "stop":
             raise NonFiniteError(f"{what}; stopped before the update (train.on_nonfinite=stop). {_HINT}")
@@ -61,10 +62,6 @@ class NonFiniteGuard:
 _HINT = "Lower train.lr, raise train.warmup_steps, or train in fp32 (train.precision=fp32)."
 
 
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
-
-
 class SpikeDetector:
     """Flags a loss above `factor` x the median of the last `window` losses (once 10 are known)."""
 
@@ -78,7 +75,7 @@ class SpikeDetector:
             and len(self.recent) >= min(10, self.recent.maxlen or 10)
             and loss > self.factor * statistics.median(self.recent)
         )
-        if _finite(loss):
+        if math.isfinite(loss):
             self.recent.append(loss)
         return spike
 

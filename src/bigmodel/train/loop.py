@@ -162,7 +162,8 @@ def _train(
     budget_s = cfg.max_minutes * 60
     t_loop = time.time()
 
-    def save(at_step: int) -> None:
+    def save(at_step: int, export: nn.Module | None) -> None:
+        """Checkpoint `at_step`; `export` is `_consolidated(...)`'s model (rank 0) for the model directory."""
         state = {
             "step": at_step,
             "tokens": units,
@@ -174,7 +175,6 @@ def _train(
             "spikes": spikes.state_dict(),
             "early_stopping": stopper.state_dict(),
         }
-        export = _consolidated(model, task, strategy, ctx)
         checkpoint.save_checkpoint(
             out / "checkpoints",
             at_step,
@@ -209,11 +209,12 @@ def _train(
     with StopSignals() as signals:
         while step < cfg.max_steps:
             elapsed = elapsed_before + time.time() - t_loop
-            requested = ctx.any(signals.requested is not None)  # all ranks stop at the same step
-            if requested:
+            # all ranks stop at the same step: one all-reduce answers both questions
+            signalled, out_of_time = ctx.flags(signals.requested is not None, bool(budget_s) and elapsed >= budget_s)
+            if signalled:
                 stop_reason = signals.requested or "interrupted"
                 break
-            if budget_s and ctx.any(elapsed >= budget_s):
+            if out_of_time:
                 stop_reason = "max_minutes"
                 break
             lr = lr_at(cfg, step, elapsed / budget_s if budget_s else 0.0)
@@ -272,7 +273,7 @@ def _train(
             if row and log is not None:
                 log.log({"step": step, "tokens": units, "elapsed_s": elapsed_before + time.time() - t_loop, **row})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save(step)
+                save(step, _consolidated(model, task, strategy, ctx))
             if kill_at and step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop_early:
@@ -282,19 +283,19 @@ def _train(
     bar.close()
     train_seconds = elapsed_before + time.time() - t_loop
     if stop_reason in ("interrupted", "preempted"):
-        save(step)
+        save(step, _consolidated(model, task, strategy, ctx))
         if log is not None:
             log.close()
         say(f"{stop_reason} at step {step}; checkpoint saved, continue with --resume auto")
         _write_summary(out, ctx, stop_reason, f"stopped by a signal at step {step}", step, units, stopper)
         return TrainResult(out, step, units, loss, None, stop_reason, time.time() - t_start)
 
-    # --- the end: last checkpoint, final evaluation, export, plot ---
+    # --- the end: last checkpoint, final evaluation, export, plot (one consolidated copy for both) ---
+    export = _consolidated(model, task, strategy, ctx)
     if not checkpoint.step_dir(out / "checkpoints", step).exists():
-        save(step)
+        save(step, export)
     ctx.barrier()
     result_val = _evaluate(task, model, device, amp, None) if task.has_validation() else None
-    export = _consolidated(model, task, strategy, ctx)
     if log is not None and export is not None:
         if result_val is not None:
             log.log({"step": step, "tokens": units, "val_loss": result_val["loss"], "elapsed_s": train_seconds})
