@@ -105,7 +105,7 @@ def test_estimator_contract_and_pipeline() -> None:
         "whiten": True,
         "svd_solver": "auto",
         "n_oversamples": 10,
-        "iterated_power": 4,
+        "iterated_power": "auto",
         "random_state": None,
     }
     assert pca.set_params(n_components=3) is pca and pca.n_components == 3
@@ -176,3 +176,52 @@ def test_pca_covariance_solver_and_auto_match_sklearn() -> None:
         np.testing.assert_allclose(ours.singular_values_, ref.singular_values_, rtol=1e-6)
         _same_up_to_sign(ours.components_, ref.components_, atol=1e-6)
         np.testing.assert_allclose(ours.noise_variance_, ref.noise_variance_, rtol=1e-6)
+
+
+def test_randomized_solvers_on_ill_conditioned_float32_data() -> None:
+    """Singular values spanning 1e6: the power iterations' Cholesky-QR would fail on such a basis, falls back
+    to Householder QR, and the leading spectrum still matches the exact SVD; 'auto' power iterations as in
+    scikit-learn."""
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((2000, 40)))
+    v, _ = np.linalg.qr(rng.standard_normal((100, 40)))
+    s = np.logspace(3, -3, 40)
+    A = ((u * s) @ v.T).astype(np.float32)
+    exact = np.linalg.svd(A.astype(np.float64), compute_uv=False)[:5]
+    ours = TruncatedSVD(5, random_state=0).fit(A)
+    np.testing.assert_allclose(ours.singular_values_, exact, rtol=1e-4)
+    pca = PCA(5, svd_solver="randomized", random_state=0).fit(A)
+    ref = skd.PCA(5, svd_solver="full").fit(A.astype(np.float64))
+    np.testing.assert_allclose(pca.explained_variance_, ref.explained_variance_, rtol=1e-4)
+    with pytest.raises(ValueError, match="iterated_power"):
+        PCA(5, svd_solver="randomized", iterated_power="many").fit(A)
+
+
+def test_truncated_svd_variance_of_sparse_input_is_not_densified() -> None:
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    S = scipy_sparse.random(500, 300, density=0.02, random_state=0, format="csr", dtype=np.float64) * 5
+    ours = TruncatedSVD(4, random_state=0).fit(S)
+    total = S.toarray().var(axis=0).sum()  # what the ratios divide by
+    np.testing.assert_allclose(ours.explained_variance_ / ours.explained_variance_ratio_, total, rtol=1e-10)
+    dense = TruncatedSVD(4, random_state=0).fit(S.toarray().astype(np.float32) + 1000)  # a large mean
+    np.testing.assert_allclose(dense.explained_variance_ / dense.explained_variance_ratio_, total, rtol=1e-4)
+
+
+def test_randomized_svd_gram_path_and_its_fallback_match_the_exact_svd() -> None:
+    """Tall dense input runs the power iterations on M.T @ M; when the Gram matrix cannot resolve the k-th
+    direction in float32 (a large mean, uncentred), the sampled iterations run instead. Both are exact to
+    float32 precision here, and so is a wide matrix (never the Gram path)."""
+    from bigmodel.features import decompose
+
+    rng = np.random.default_rng(1)
+    low = (rng.standard_normal((3000, 20)) * np.linspace(5, 1, 20)) @ rng.standard_normal((20, 120))
+    for A, gram in ((low, True), (low + 1000.0, False), (low[:100].copy(), False)):
+        A32 = torch.from_numpy(A.astype(np.float32))
+        tall = A.shape[0] >= A.shape[1]
+        assert decompose._gram_pays(A32, 15, 5) == tall
+        if tall:
+            assert (decompose._gram_range(A32, 5, torch.randn(A.shape[1], 15), 5) is not None) == gram
+        U, S, Vt = decompose.randomized_svd(A32, 5, n_iter=5, seed=0)
+        exact = np.linalg.svd(A, compute_uv=False)[:5]
+        np.testing.assert_allclose(S.numpy(), exact, rtol=1e-4)
+        np.testing.assert_allclose((U * S) @ Vt, A32 @ Vt.T @ Vt, atol=1e-2 * exact[0] / 1e3)
