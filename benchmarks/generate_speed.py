@@ -2,9 +2,10 @@
 
 A GPT-2-124M-shaped model with random weights (seeded); the same weights are loaded into transformers'
 GPT2LMHeadModel. Greedy decoding of 128 new tokens after a 32-token prompt, at batch 1 and batch 8:
-transformers (fp32), bigmodel fp32, bf16 and int8 weight-only. Prints tokens/s (new tokens, prefill
-included, best of --repeats), the ratio to transformers, and the fraction of the memory-bandwidth limit
-(weight bytes read per decoding step against the machine's measured read bandwidth).
+transformers (fp32), bigmodel fp32, bf16 and int8 (each CPU int8 kernel installed: numba, fbgemm).
+Prints tokens/s (new tokens, prefill included, best of --repeats), the ratio to transformers, and the
+fraction of the memory-bandwidth limit (weight bytes read per decoding step against the machine's measured
+read bandwidth).
 
     python benchmarks/generate_speed.py [--new 128] [--repeats 2] [--batches 1 8]
 """
@@ -13,14 +14,24 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 
 import torch
 
+from bigmodel.compress import int8_kernels
+from bigmodel.compress.quantize import fbgemm_available
 from bigmodel.config import GPTConfig
 from bigmodel.generation import cast_for_inference
 from bigmodel.models.gpt import GPT
 from bigmodel.models.hf import to_hf_state_dict
+
+KERNELS = ("numba", "fbgemm")  # CPU int8 kernels, in the order compress/quantize.py prefers them
+
+
+def available(kernel: str) -> bool:
+    return int8_kernels.available() if kernel == "numba" else fbgemm_available()
+
 
 CFG = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 PROMPT = 32
@@ -78,8 +89,11 @@ def main() -> None:
     variants = {
         "bigmodel fp32": ours,
         "bigmodel bf16": cast_for_inference(copy.deepcopy(ours), "bf16"),
-        "bigmodel int8": cast_for_inference(copy.deepcopy(ours), "int8"),
     }
+    for kernel in [k for k in KERNELS if available(k)]:  # every int8 kernel this machine has (the default first)
+        os.environ["BIGMODEL_INT8_KERNEL"] = kernel
+        variants[f"bigmodel int8 {kernel}"] = cast_for_inference(copy.deepcopy(ours), "int8")
+    os.environ.pop("BIGMODEL_INT8_KERNEL")
     bw = read_bandwidth()
     print(
         f"GPT-2 124M shape, random weights; prompt {PROMPT} tokens, {args.new} new tokens, greedy; "

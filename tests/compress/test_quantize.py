@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.cli import main
-from bigmodel.compress import quantize
+from bigmodel.compress import int8_kernels, quantize
 from bigmodel.compress.quantize import Int8Linear, int8_error, quantize_int8, quantize_rows
 from bigmodel.generation import cast_for_inference, generate
 from bigmodel.models.gpt import GPT
@@ -23,12 +23,14 @@ V = 64
 FBGEMM = pytest.mark.skipif(not quantize.fbgemm_available(), reason="needs torch's x86/fbgemm quantized engine")
 
 
-@pytest.fixture(params=["default", "weight-only"])
+@pytest.fixture(params=quantize.KERNELS)
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both int8 kernels: the default (fbgemm on x86) and the weight-only fallback used elsewhere."""
-    if request.param == "weight-only":
-        monkeypatch.setattr(quantize, "fbgemm_available", lambda: False)
-    return str(request.param)
+    """Every int8 kernel this installation has: numba and int8pack are weight-only, fbgemm rounds activations."""
+    name = str(request.param)
+    if (name == "numba" and not int8_kernels.available()) or (name == "fbgemm" and not quantize.fbgemm_available()):
+        pytest.skip(f"the {name} int8 kernel is not available here")
+    monkeypatch.setenv("BIGMODEL_INT8_KERNEL", name)
+    return name
 
 
 def _weight(seed: int = 0) -> torch.Tensor:
@@ -54,23 +56,43 @@ def test_quantize_rows_error_bound() -> None:
     assert 0 < int8_error(w) < 0.01
 
 
-def test_int8_linear_weight_only_matches_dequantized_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("rows", [1, 5, 16, 21])  # numba: one-row and few-row kernels, then dequantized BLAS
+def test_int8_linear_weight_only_kernels_match_dequantized_linear(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("numba", "int8pack"):
+        if name == "numba" and not int8_kernels.available():
+            continue
+        monkeypatch.setenv("BIGMODEL_INT8_KERNEL", name)
+        g = torch.Generator().manual_seed(rows)
+        w, b = _weight(), torch.randn(48, generator=g)
+        lin = Int8Linear(w, b)
+        assert lin.kernel == name and lin.packed is None  # no second (fbgemm) copy of the weights
+        x = torch.randn(rows, 7, 40, generator=g)[:, 3]  # (rows, 40), not contiguous
+        y = lin(x)
+        expected = F.linear(x, lin.dequantized(), b)
+        assert y.shape == (rows, 48)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+        no_bias = Int8Linear(w, None)
+        x3 = torch.randn(2, rows, 40, generator=g)  # any leading shape
+        torch.testing.assert_close(no_bias(x3), F.linear(x3, no_bias.dequantized()), rtol=1e-5, atol=1e-3)
+        y16 = lin(x.bfloat16())
+        assert y16.dtype == torch.bfloat16
+        torch.testing.assert_close(y16.float(), expected, rtol=0, atol=0.03 * float(expected.abs().max()))
+
+
+def test_forced_int8_kernel_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BIGMODEL_INT8_KERNEL", "vnni")
+    with pytest.raises(ValueError, match="not one of numba, fbgemm, int8pack"):
+        Int8Linear(_weight(), None)
+    monkeypatch.setenv("BIGMODEL_INT8_KERNEL", "fbgemm")
     monkeypatch.setattr(quantize, "fbgemm_available", lambda: False)
-    g = torch.Generator().manual_seed(1)
-    w, b = _weight(), torch.randn(48, generator=g)
-    lin = Int8Linear(w, b)
-    x = torch.randn(3, 7, 40, generator=g)  # any leading shape
-    y = lin(x)
-    expected = F.linear(x, lin.dequantized(), b)
-    assert y.shape == (3, 7, 48)
-    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
-    no_bias = Int8Linear(w, None)
-    torch.testing.assert_close(no_bias(x), F.linear(x, no_bias.dequantized()), rtol=1e-4, atol=1e-2)
+    with pytest.raises(ValueError, match="not available"):
+        Int8Linear(_weight(), None)
 
 
 @FBGEMM
-def test_int8_linear_fbgemm_error_within_activation_rounding() -> None:
+def test_int8_linear_fbgemm_error_within_activation_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
     """fbgemm quantizes activations per call (7-bit range): the error is bounded by that rounding alone."""
+    monkeypatch.setenv("BIGMODEL_INT8_KERNEL", "fbgemm")
     g = torch.Generator().manual_seed(2)
     w, b = _weight(), torch.randn(48, generator=g)
     lin = Int8Linear(w, b)
@@ -100,7 +122,7 @@ def test_quantize_int8_model_logits_close_to_fp32(kernel: str) -> None:
     assert got.dtype == torch.float32
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
-    if kernel == "weight-only":  # exactly the fp32 model with every Linear weight rounded to int8
+    if kernel != "fbgemm":  # weight-only: exactly the fp32 model with every Linear weight rounded to int8
         ref = tiny_gpt(V, scale=3.0)
         with torch.no_grad():
             for name, m in ref.named_modules():
@@ -143,8 +165,7 @@ def test_bf16_generation() -> None:
         cast_for_inference(b16, "int4")
 
 
-@FBGEMM
-def test_int8_model_stays_causal() -> None:
+def test_int8_model_stays_causal(kernel: str) -> None:
     q = quantize_int8(tiny_gpt(V, scale=3.0))
     a = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(1))
     b = a.clone()
@@ -155,8 +176,7 @@ def test_int8_model_stays_causal() -> None:
     torch.testing.assert_close(la[:, :10], lb[:, :10])  # changing the future must not change the past
 
 
-@FBGEMM
-def test_int8_batch_rows_equal_each_prompt_alone() -> None:
+def test_int8_batch_rows_equal_each_prompt_alone(kernel: str) -> None:
     q = quantize_int8(tiny_gpt(50, block_size=48, scale=3.0, pos_scale=10.0))
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [0, 4, 0, 2]]
     _, lps = generate(q, prompts, max_new_tokens=8, output_logprobs=True)

@@ -2,23 +2,30 @@
 
 Every Linear weight W (out, in) is stored as int8 with one scale per output row (symmetric,
 scale = max|W_row| / 127): a quarter of the fp32 bytes, and bytes read per token are what bound decoding
-speed at small batch sizes. Two kernels compute y = x @ W.T + b:
+speed at small batch sizes. The kernel that computes y = x @ W.T + b is chosen once per layer
+(`int8_kernel`; the environment variable BIGMODEL_INT8_KERNEL forces one):
 
-- x86 CPUs (fbgemm/x86 quantized engine): fbgemm's int8 GEMM, with each token's activations quantized on
-  the fly on its own scale (dynamic quantization, 7-bit range to avoid AVX2 saturation), so tokens and
-  batch rows never influence each other. Fast: the packed int8 weights are what is read.
-- elsewhere: `torch._weight_int8pack_mm`, weight-only (activations stay in floating point).
+- `numba` (CPU, when numba is installed; the default there): weight-only. Up to 16 rows (decoding steps)
+  run `compress/int8_kernels.py`, which streams the int8 weights and accumulates in float32; more rows
+  (prefill, evaluation) dequantize the weight and use the float32 BLAS. Activations are never rounded.
+- `fbgemm` (x86 CPUs without numba): fbgemm's int8 GEMM, with each token's activations quantized on the
+  fly on its own scale (dynamic quantization, 7-bit range to avoid AVX2 saturation), so tokens and batch
+  rows never influence each other.
+- `int8pack` (elsewhere, e.g. GPUs): `torch._weight_int8pack_mm`, weight-only.
 
 Quality is measured, not assumed: `bigmodel eval MODEL --data DATA --dtype int8` against `--dtype fp32`.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from bigmodel.compress import int8_kernels
 from bigmodel.models.gpt import GPT
 
 
@@ -32,6 +39,27 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fbgemm_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
+
+
+KERNELS = ("numba", "fbgemm", "int8pack")
+
+
+def int8_kernel(device: torch.device) -> str:
+    """The int8 kernel for weights on `device`: BIGMODEL_INT8_KERNEL if set, else the fastest available."""
+    forced = os.environ.get("BIGMODEL_INT8_KERNEL", "")
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"BIGMODEL_INT8_KERNEL={forced!r} is not one of {', '.join(KERNELS)}")
+        if forced != "int8pack" and device.type != "cpu":
+            raise ValueError(f"the {forced} int8 kernel runs on CPUs only, the weights are on {device}")
+        if (forced == "numba" and not int8_kernels.available()) or (forced == "fbgemm" and not fbgemm_available()):
+            raise ValueError(f"BIGMODEL_INT8_KERNEL={forced}: that kernel is not available in this installation")
+        return forced
+    if device.type == "cpu" and int8_kernels.available():
+        return "numba"
+    if device.type == "cpu" and fbgemm_available():
+        return "fbgemm"
+    return "int8pack"
 
 
 def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor) -> object | None:
@@ -65,16 +93,16 @@ def _per_row_dynamic(x: torch.Tensor, packed: object, staging: torch.Tensor, bia
 
 
 class Int8Linear(nn.Module):
-    """A frozen Linear with int8 row-quantized weights.
+    """A frozen Linear with int8 row-quantized weights, computed by the kernel `int8_kernel` picks.
 
-    It reuses an input staging buffer between calls (fewer ops per decoding step), so one instance must not
-    be called from several threads at once; the generation engine (and the server's engine thread) call a
-    model from one thread.
+    The fbgemm kernel reuses an input staging buffer between calls (fewer ops per decoding step), so one
+    instance must not be called from several threads at once; the generation engine (and the server's
+    engine thread) call a model from one thread.
     """
 
     weight_int8: torch.Tensor  # (out, in) int8
     scales: torch.Tensor  # (out,) fp32
-    _staging: dict[int, torch.Tensor]  # rows -> (rows, in + 2) input buffer, last 2 columns +1 and -1
+    _staging: dict[int, torch.Tensor]  # fbgemm: rows -> (rows, in + 2) input buffer, last 2 columns +1 and -1
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -83,8 +111,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        pinned = torch.cat([q, q.new_zeros(self.out_features, 2)], dim=1)  # zero weights for the pin columns
-        self.packed = _fbgemm_pack(pinned, scales) if weight.device.type == "cpu" else None
+        self.kernel = int8_kernel(weight.device)
+        self.packed = None
+        if self.kernel == "fbgemm":
+            pinned = torch.cat([q, q.new_zeros(self.out_features, 2)], dim=1)  # zero weights for the pin columns
+            self.packed = _fbgemm_pack(pinned, scales)
+            self.kernel = "fbgemm" if self.packed is not None else "int8pack"
         self._staging = {}
 
     def _staging_for(self, rows: int) -> torch.Tensor:
@@ -101,14 +133,21 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if self.packed is not None:
-            xf = x2 if x2.dtype == torch.float32 else x2.float()
-            y = _per_row_dynamic(xf, self.packed, self._staging_for(xf.size(0)), self.bias)
-            y = y if x.dtype == torch.float32 else y.to(x.dtype)  # (M, out)
-        else:
+        if self.kernel == "int8pack":
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(x2.dtype))
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
+            return y.view(*shape[:-1], self.out_features)
+        xf = x2 if x2.dtype == torch.float32 else x2.float()
+        if self.kernel == "fbgemm":
+            y = _per_row_dynamic(xf, self.packed, self._staging_for(xf.size(0)), self.bias)
+        elif xf.size(0) <= int8_kernels.MAX_ROWS:  # decoding: stream the int8 weights
+            y = int8_kernels.int8_matmul(xf, self.weight_int8, self.scales)
+            if self.bias is not None:
+                y += self.bias
+        else:  # prefill and evaluation: enough rows that BLAS on the dequantized weight is faster
+            y = F.linear(xf, self.dequantized(), self.bias)
+        y = y if x.dtype == torch.float32 else y.to(x.dtype)  # (M, out)
         return y.view(*shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""Weight-only int8 matrix products for a few rows (decoding steps), compiled by numba.
+
+Decoding reads every weight once per step for one row (or a handful) of activations, so its speed is
+the rate at which weights stream from memory. These kernels read the int8 weights directly, widen each
+to float32 in registers and accumulate in float32: four times fewer bytes than fp32 weights, and no
+rounding of the activations (fbgemm's int8 kernels quantize them). On a 2-core AVX2 CPU they stream the
+weights about 1.3-1.8x faster than fbgemm's dynamic int8 GEMV (benchmarks/generate_speed.py).
+
+numba is optional: `available()` is False without it, and `compress/quantize.py` then uses fbgemm.
+The kernels compile on first use (a second or two, cached on disk by numba afterwards).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import torch
+
+MAX_ROWS = 16  # above this many rows, a dequantized float32 matmul (BLAS) is faster
+
+
+@cache
+def _compiled() -> tuple[Any, Any] | None:
+    try:
+        import numba
+        import numpy as np
+    except ImportError:
+        return None
+
+    jit = numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False, nogil=True)
+
+    @jit
+    def one_row(x: Any, w: Any, scales: Any, out: Any) -> None:  # x (K,), w (N, K) int8 -> out (N,)
+        N, K = w.shape
+        for n in numba.prange(N):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += x[k] * np.float32(w[n, k])
+            out[n] = acc * scales[n]
+
+    @jit
+    def few_rows(x: Any, w: Any, scales: Any, out: Any) -> None:  # x (M, K), w (N, K) int8 -> out (M, N)
+        M, K = x.shape
+        N = w.shape[0]
+        block = 16  # weight rows widened to float32 once, then used by every activation row
+        for b in numba.prange((N + block - 1) // block):
+            lo, hi = b * block, min(N, b * block + block)
+            wf = np.empty((hi - lo, K), dtype=np.float32)
+            for r in range(hi - lo):
+                for k in range(K):
+                    wf[r, k] = np.float32(w[lo + r, k])
+            for m in range(M):
+                for r in range(hi - lo):
+                    acc = np.float32(0.0)
+                    for k in range(K):
+                        acc += x[m, k] * wf[r, k]
+                    out[m, lo + r] = acc * scales[lo + r]
+
+    return one_row, few_rows
+
+
+def available() -> bool:
+    """Whether numba is installed (the kernels compile lazily on first use)."""
+    return _compiled() is not None
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 @ (weight (N, K) int8 * scales (N,)[:, None]).T -> (M, N) float32, M <= MAX_ROWS.
+
+    CPU tensors only; uses as many threads as torch does.
+    """
+    kernels = _compiled()
+    assert kernels is not None, "numba is not installed"
+    import numba
+
+    threads = torch.get_num_threads()
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    if x.shape[0] == 1:
+        kernels[0](x[0].numpy(), weight.numpy(), scales.numpy(), out[0].numpy())
+    else:
+        kernels[1](x.numpy(), weight.numpy(), scales.numpy(), out.numpy())
+    return out
