@@ -43,19 +43,25 @@ def _compiled() -> tuple[Any, Any] | None:
     def few_rows(x: Any, w: Any, scales: Any, out: Any) -> None:  # x (M, K), w (N, K) int8 -> out (M, N)
         M, K = x.shape
         N = w.shape[0]
-        block = 16  # weight rows widened to float32 once, then used by every activation row
-        for b in numba.prange((N + block - 1) // block):
-            lo, hi = b * block, min(N, b * block + block)
-            wf = np.empty((hi - lo, K), dtype=np.float32)
-            for r in range(hi - lo):
+        for n in numba.prange(N):
+            m = 0
+            while m + 4 <= M:  # four activation rows share each widened weight: four independent sums
+                a0 = a1 = a2 = a3 = np.float32(0.0)
                 for k in range(K):
-                    wf[r, k] = np.float32(w[lo + r, k])
-            for m in range(M):
-                for r in range(hi - lo):
-                    acc = np.float32(0.0)
-                    for k in range(K):
-                        acc += x[m, k] * wf[r, k]
-                    out[m, lo + r] = acc * scales[lo + r]
+                    wk = np.float32(w[n, k])
+                    a0 += x[m, k] * wk
+                    a1 += x[m + 1, k] * wk
+                    a2 += x[m + 2, k] * wk
+                    a3 += x[m + 3, k] * wk
+                out[m, n], out[m + 1, n] = a0 * scales[n], a1 * scales[n]
+                out[m + 2, n], out[m + 3, n] = a2 * scales[n], a3 * scales[n]
+                m += 4
+            while m < M:
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += x[m, k] * np.float32(w[n, k])
+                out[m, n] = acc * scales[n]
+                m += 1
 
     return one_row, few_rows
 
