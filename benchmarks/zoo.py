@@ -69,11 +69,13 @@ def run_ours(preset: str, data: str, sets: list[str], task: str | None = None) -
     return result.val, params, seconds
 
 
-def ours_over_seeds(data: str, name: str, preset: str, sets: list[str], metric: str = "accuracy") -> Row:
+def ours_over_seeds(
+    data: str, name: str, preset: str, sets: list[str], metric: str = "accuracy", task: str | None = None
+) -> Row:
     values, times = [], []
     params = 0
     for seed in SEEDS:
-        val, params, seconds = run_ours(preset, data, [*sets, f"train.seed={seed}"])
+        val, params, seconds = run_ours(preset, data, [*sets, f"train.seed={seed}"], task)
         values.append(val[metric])
         times.append(seconds)
     return Row(data, name, params, statistics.mean(times), metric, statistics.mean(values), max(values) - min(values))
@@ -254,11 +256,15 @@ def bench_arrays(data: str) -> list[Row]:
 
 
 def bench_numbers() -> list[Row]:
-    rows = []
-    for name, preset in (("seq2seq (Transformer)", "seq2seq"), ("rnn-seq2seq (GRU + Bahdanau)", "rnn-seq2seq")):
-        val, params, seconds = run_ours(preset, "numbers", [])
-        rows.append(Row("numbers", name, params, seconds, "exact_match", val["exact_match"]))
-    rows.append(torch_transformer_reference("numbers", []))
+    """Both Transformers over the same seeds (each seed: the same initialisation seed and the same batches)."""
+    rows = [ours_over_seeds("numbers", "seq2seq (Transformer), 600 steps", "seq2seq", [], "exact_match")]
+    refs = [torch_transformer_reference("numbers", [f"train.seed={seed}"]) for seed in SEEDS]
+    values = [r.value for r in refs]
+    mean_s = statistics.mean(r.seconds for r in refs)
+    name = "ref: torch.nn.Transformer, same size, batches and steps"
+    rows.append(Row("numbers", name, refs[0].params, mean_s, "exact_match", statistics.mean(values), max(values) - min(values)))
+    val, params, seconds = run_ours("rnn-seq2seq", "numbers", [])
+    rows.append(Row("numbers", "rnn-seq2seq (GRU + Bahdanau), 600 steps, 1 seed", params, seconds, "exact_match", val["exact_match"]))
     return rows
 
 

@@ -160,10 +160,17 @@ class Seq2SeqTransformer(PretrainedModel):
 
     @staticmethod
     def _init(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):  # Glorot, as torch.nn.Transformer: attention is not starved at the start
+        """Glorot, as torch.nn.Transformer, with attention's query, key and value maps drawn as torch's one
+        fused (3C, C) in-projection is: U(±sqrt(6 / 4C)). Separate Glorot draws for q (C, C) and kv (2C, C)
+        start the attention logits ~1.6x larger; on `numbers` that cost ~1 point of exact match (3 seeds)."""
+        if isinstance(module, nn.Linear):  # (apply() reaches an Attention's Linears before the Attention)
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, Attention):
+            bound = math.sqrt(6 / (4 * module.q.in_features))
+            for weight in (module.q.weight, module.kv.weight):
+                nn.init.uniform_(weight, -bound, bound)
 
     def blocks(self) -> list[nn.Module]:
         """The repeated blocks, encoder then decoder (what FSDP shards one by one)."""
