@@ -159,7 +159,9 @@ def test_encoder_classifier_from_scratch_with_a_bpe_tokenizer(
 
     pairs = tmp_path / "pairs"
     pairs.mkdir()
-    (pairs / "train.tsv").write_text("".join(f"the king {'loves' if i % 2 else 'fears'} me\t{i % 2}\n" for i in range(32)))
+    (pairs / "train.tsv").write_text(
+        "".join(f"the king {'loves' if i % 2 else 'fears'} me\t{i % 2}\n" for i in range(32))
+    )
     (pairs / "val.tsv").write_text("the king loves me\t1\nthe king fears me\t0\n")
     shape = ["model.block_size=16", "model.n_layer=1", "model.n_embd=16", "model.d_ff=32", "model.n_head=2"]
     sets = [*shape, "model.arch=encoder", f"model.tokenizer={bpe_data}", "train.max_steps=3", "train.batch_size=8"]

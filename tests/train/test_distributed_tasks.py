@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import TORCHRUN, _finish, _start, losses
 
 from bigmodel.config import resolve_config
 from bigmodel.models import load_model
 from bigmodel.train.loop import train
-from test_distributed import TORCHRUN, _finish, _start, losses
 
 COMMON = [
     "train.max_steps=6",
