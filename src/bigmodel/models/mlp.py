@@ -101,7 +101,7 @@ class MLP(Classifier):
 
     def blocks(self) -> list[nn.Module]:
         """The hidden connection layers (what FSDP shards one by one; the head stays with the root)."""
-        return list(self.hidden[0::3])
+        return [layer for i, layer in enumerate(self.hidden) if i % 3 == 0]  # [connection, activation, dropout] x n
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden(self.scale(features)))  # (B, m) -> (B, k) -> (B, classes)

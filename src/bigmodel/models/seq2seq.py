@@ -262,4 +262,4 @@ def _decode_under_fsdp(model: nn.Module) -> None:
     if isinstance(model, FSDPModule) and not getattr(model, "_decodes_under_fsdp", False):
         for name in ("start", "step"):
             register_fsdp_forward_method(model, name)
-        model._decodes_under_fsdp = True  # type: ignore[attr-defined]
+        object.__setattr__(model, "_decodes_under_fsdp", True)  # once: registering wraps the method again
