@@ -326,13 +326,13 @@ BENCHES = {
 
 
 def main() -> None:
+    global SEEDS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run these groups only")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the models are small)")
     p.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds of the averaged rows (default 3)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    global SEEDS
     SEEDS = tuple(range(1, args.seeds + 1))
     rows: list[Row] = []
     for name in args.only or BENCHES:
