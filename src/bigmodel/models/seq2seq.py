@@ -94,7 +94,7 @@ class EncoderBlock(nn.Module):
 
 @dataclass
 class DecoderState:
-    """What decoding carries between steps: the memory's mask and per-layer self / cross keys and values."""
+    """What decoding carries between steps: the memory and its mask, and per-layer self / cross keys and values."""
 
     mask: torch.Tensor  # (B, 1, 1, S) source padding
     memory: torch.Tensor  # (B, S, C) the encoder's output
