@@ -21,7 +21,7 @@ look, or `--only digits numbers`.
 
 Measured on the shared 2-core development machine (1 thread, other jobs running), docs/zoo.md has the
 whole table: numbers exact match, ours 0.9733 (±0.004) against torch.nn.Transformer 0.9740 (±0.0075);
-genre accuracy, encoder 0.5300 (±0.008) against TF-IDF + LogisticRegression 0.5001 (majority class 0.452).
+genre accuracy, encoder 0.5301 (±0.008) against TF-IDF + LogisticRegression 0.5001 (majority class 0.452).
 """
 
 from __future__ import annotations
