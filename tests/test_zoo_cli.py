@@ -150,3 +150,29 @@ def test_autoencode_npy_and_eval_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["train", "--task", "classify", "--data", "digitz", "--out", str(tmp_path / "r2")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     torch.manual_seed(0)
+
+
+def test_encoder_classifier_from_scratch_with_a_bpe_tokenizer(
+    bpe_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bigmodel.data.tokenizer import Tokenizer
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "train.tsv").write_text(
+        "".join(f"the king {'loves' if i % 2 else 'fears'} me\t{i % 2}\n" for i in range(32))
+    )
+    (pairs / "val.tsv").write_text("the king loves me\t1\nthe king fears me\t0\n")
+    shape = ["model.block_size=16", "model.n_layer=1", "model.n_embd=16", "model.d_ff=32", "model.n_head=2"]
+    sets = [*shape, "model.arch=encoder", f"model.tokenizer={bpe_data}", "train.max_steps=3", "train.batch_size=8"]
+    run = tmp_path / "run"
+    flags = sum([["--set", s] for s in [*sets, "train.micro_batch=8"]], [])
+    _train(capsys, "--task", "classify", "--data", str(pairs), "--out", str(run), *flags)
+    bpe = Tokenizer.from_pretrained(bpe_data)
+    model = load_model(run / "final")
+    assert isinstance(model, Encoder) and model.wte.num_embeddings == bpe.vocab_size + 2  # + [MASK], [PAD]
+    assert Tokenizer.from_pretrained(run / "final").encode("the king") == bpe.encode("the king")
+    assert _eval(capsys, str(run), "--data", str(pairs))["examples"] == 2  # with its saved tokenizer
+    both = [*flags, "--set", f"model.init_from={run / 'final'}"]
+    assert main(["train", "--task", "classify", "--data", str(pairs), "--out", str(tmp_path / "x"), *both]) == 2
+    assert "drop model.tokenizer" in capsys.readouterr().err

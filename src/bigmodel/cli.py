@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="text files, folders (*.txt, *.jsonl with a 'text' field) or a built-in corpus (shakespeare)",
+        help="text files, folders (*.txt, *.jsonl with a 'text' field) or a built-in corpus (shakespeare, genre-train)",
     )
     s.add_argument("--out", required=True, help="data directory to create")
     s.add_argument("--tokenizer", default="bpe", help="bpe (trained here), char (bytes) or a tokenizer.json path")

@@ -213,6 +213,7 @@ class EncoderConfig:
     n_classes: int | None = None  # set by the classify task; None = the masked-LM head
     mask_prob: float = 0.15  # mlm: fraction of tokens to predict (80% [MASK], 10% random, 10% kept)
     init_from: str = ""  # classify: a model directory of a pretrained encoder whose trunk to start from
+    tokenizer: str = ""  # classify from scratch: a data/model directory or tokenizer.json to tokenize with; "" = bytes
 
     def __post_init__(self) -> None:
         _check_sizes(self, "block_size", "n_layer", "n_head", "n_embd", "d_ff", "dropout")

@@ -102,6 +102,7 @@ def evaluate_model_dir(
     )
     if isinstance(config.model, EncoderConfig) and config.model.n_classes is not None:
         config.model.init_from = str(model_dir)  # the classifier's own tokenizer and shape
+        config.model.tokenizer = ""  # (saved beside the weights; the one it was trained with may be gone)
     task = TASKS[config.task](config, data)
     labels = getattr(task, "labels", None)
     if model.labels and labels is not None and list(labels) != model.labels:

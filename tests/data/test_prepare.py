@@ -214,7 +214,9 @@ def test_builtin_shakespeare_documents() -> None:
 # ----- errors, and nothing half-written --------------------------------------------------------------------
 def test_missing_input(tmp_path: Path) -> None:
     out = tmp_path / "out" / "data"
-    with pytest.raises(UserError, match=r"input .*nope\.txt does not exist \(built-in corpora: shakespeare\)"):
+    with pytest.raises(
+        UserError, match=r"input .*nope\.txt does not exist \(built-in corpora: shakespeare, genre-train\)"
+    ):
         _char([tmp_path / "nope.txt"], out)
     _assert_nothing_left(out)
     with pytest.raises(UserError, match="no input given"):

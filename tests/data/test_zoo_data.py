@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bigmodel.data.arrays import holdout_split, load_arrays
-from bigmodel.data.genre import FOLIO, GENRES, held_out_plays, load_genre, passages
+from bigmodel.data.genre import FOLIO, GENRES, TRAIN_CORPUS, held_out_plays, load_genre, passages, train_documents
 from bigmodel.data.seq2seq import date_pair, date_text, load_pairs, number_pair, number_words, read_tsv
 from bigmodel.errors import UserError
 
@@ -146,3 +146,15 @@ def test_passages_start_at_the_first_act() -> None:
     parts = passages(text, size=100)
     assert parts[0].startswith("ACT I.") and all(len(p) >= 90 for p in parts)
     assert "HAMLET, a prince" not in "".join(parts)
+
+
+def test_genre_train_corpus_holds_the_training_plays_only() -> None:
+    """`bigmodel prepare genre-train` (MLM pretraining, a BPE) must never see a held-out play's text."""
+    docs = dict(train_documents())
+    plays = {name.rsplit("/", 1)[-1].removesuffix(".txt") for name in docs}
+    assert plays == set(FOLIO) - set(held_out_plays()) and len(plays) == 28
+    assert all(name.startswith(f"{TRAIN_CORPUS}/") for name in docs)
+    train_text = b"".join(docs.values()).decode("utf-8", errors="replace")
+    data = load_genre()
+    assert all(t in train_text for t, _ in data.train[::500])
+    assert not any(t in train_text for t, _ in data.val[::100])  # no held-out passage occurs in it

@@ -5,16 +5,21 @@ history or tragedy by the section of the First Folio (1623) its play was printed
 the Folio) and the poems are left out. The split is by play, so that no play has passages in both
 train and test: in each genre, sorted by file name, every fourth play (the 4th, 8th, ...) is held out.
 Passages start at the first act (or prologue / induction): the cast lists are not part of the text.
+
+`genre-train` is a corpus for `bigmodel prepare`: the whole text of the training plays only, for
+masked-LM pretraining (and a tokenizer) that never sees a held-out play (docs/zoo.md).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bigmodel.corpora import iter_documents
 
 GENRES = ("comedy", "history", "tragedy")
+TRAIN_CORPUS = "genre-train"  # the training plays' text, a `bigmodel prepare` input
 PASSAGE_CHARS = 256
 
 FOLIO: dict[str, str] = {
@@ -97,6 +102,18 @@ def held_out_plays() -> list[str]:
     return sorted(held)
 
 
+def _play(name: str) -> str:
+    return name.rsplit("/", 1)[-1].removesuffix(".txt")
+
+
+def train_documents() -> Iterator[tuple[str, bytes]]:
+    """(name, raw bytes) of the training plays (Folio plays not held out): the `genre-train` corpus."""
+    held = set(held_out_plays())
+    for name, raw in iter_documents("shakespeare"):
+        if _play(name) in FOLIO and _play(name) not in held:
+            yield name.replace("shakespeare/", f"{TRAIN_CORPUS}/", 1), raw
+
+
 def passages(text: str, size: int = PASSAGE_CHARS) -> list[str]:
     """The play's text from its first act on, cut into consecutive passages of >= `size` characters at line ends."""
     start = _START.search(text)
@@ -118,7 +135,7 @@ def load_genre(size: int = PASSAGE_CHARS) -> TextData:
     train: list[tuple[str, int]] = []
     val: list[tuple[str, int]] = []
     for name, raw in iter_documents("shakespeare"):
-        play = name.rsplit("/", 1)[-1].removesuffix(".txt")
+        play = _play(name)
         if play not in FOLIO:
             continue
         label = GENRES.index(FOLIO[play])

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from bigmodel import atomic
 from bigmodel.corpora import BUILTIN, iter_documents
+from bigmodel.data.genre import TRAIN_CORPUS, train_documents
 from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.errors import UserError
 
@@ -66,6 +67,13 @@ class Source:
 
 
 # ----- finding the inputs ---------------------------------------------------------------------------------
+DERIVED = {TRAIN_CORPUS: train_documents}  # corpora built from a built-in one (the genre set's training plays)
+
+
+def builtin_documents(name: str) -> Iterator[tuple[str, bytes]]:
+    return DERIVED[name]() if name in DERIVED else iter_documents(name)
+
+
 def resolve_inputs(inputs: list[str]) -> list[Source]:
     if not inputs:
         raise UserError("no input given: name files, folders or a built-in corpus (shakespeare)")
@@ -73,11 +81,11 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
     for item in inputs:
         path = Path(item)
         if not path.exists():
-            if item in BUILTIN:
-                size = sum(len(b) for _, b in iter_documents(item))
+            if item in BUILTIN or item in DERIVED:
+                size = sum(len(b) for _, b in builtin_documents(item))
                 sources.append(Source(label=item, bytes=size, builtin=item))
                 continue
-            raise UserError(f"input {item} does not exist (built-in corpora: {', '.join(BUILTIN)})")
+            raise UserError(f"input {item} does not exist (built-in corpora: {', '.join([*BUILTIN, *DERIVED])})")
         root = path if path.is_dir() else None
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
@@ -96,7 +104,7 @@ def _text_documents(sources: list[Source]) -> list[Document]:
     docs = []
     for s in sources:
         if s.builtin:
-            docs += [Document(name=n, data=b) for n, b in iter_documents(s.builtin)]
+            docs += [Document(name=n, data=b) for n, b in builtin_documents(s.builtin)]
         else:
             docs += [Document(name=s.name_of(f), path=f) for f in s.files if f.suffix != ".jsonl"]
     return docs

@@ -99,5 +99,9 @@ class MLP(Classifier):
         self.hidden = nn.Sequential(*layers)
         self.head = nn.Linear(width, config.n_classes)
 
+    def blocks(self) -> list[nn.Module]:
+        """The hidden connection layers (what FSDP shards one by one; the head stays with the root)."""
+        return [layer for i, layer in enumerate(self.hidden) if i % 3 == 0]  # [connection, activation, dropout] x n
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden(self.scale(features)))  # (B, m) -> (B, k) -> (B, classes)

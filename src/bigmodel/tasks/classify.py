@@ -87,7 +87,14 @@ class ClassifyTask(ExampleTask):
             shape = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "d_ff")
             for key in shape:  # the classifier has the pretrained trunk's shape
                 setattr(model, key, meta[key])
+            if model.tokenizer:
+                raise UserError(
+                    f"model.tokenizer={model.tokenizer} and model.init_from are both set: a pretrained encoder "
+                    "keeps its own tokenizer; drop model.tokenizer"
+                )
             self.tokenizer = Tokenizer.from_pretrained(model.init_from)
+        elif model.tokenizer:  # e.g. a BPE trained on the training text by `bigmodel prepare`
+            self.tokenizer = Tokenizer.from_pretrained(model.tokenizer)
         else:
             self.tokenizer = Tokenizer.char()
         vocab = self.tokenizer.vocab_size + 2  # + [MASK] and [PAD]
