@@ -284,7 +284,9 @@ def clearly_different(a: Sequence[float], b: Sequence[float]) -> bool:
         return False
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
-    return abs(ma - mb) > 2 * se if se > 0 else ma != mb
+    if se > 0:
+        return abs(ma - mb) > 2 * se
+    return not math.isclose(ma, mb, rel_tol=1e-9, abs_tol=1e-12)  # no spread: only a real gap (not rounding)
 
 
 def _pm(values: Sequence[float], digits: int = 4) -> str:

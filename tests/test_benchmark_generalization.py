@@ -40,6 +40,10 @@ def test_clearly_different_uses_two_standard_errors(bench: ModuleType) -> None:
     near = [x + 2 * se * 0.99 for x in a]
     assert not bench.clearly_different(a, near) and bench.clearly_different(a, [x + 2 * se * 1.01 for x in a])
     assert not bench.clearly_different([1.0], [2.0])  # no spread to judge by
+    same = 0.9823008849557522  # equal values, whose means differ by rounding only: not a difference
+    assert bench.statistics.fmean([same] * 5) != bench.statistics.fmean([same] * 3)
+    assert not bench.clearly_different([same] * 5, [same] * 3)
+    assert bench.clearly_different([0.5, 0.5], [0.6, 0.6])
 
 
 def rows(bench: ModuleType) -> list:
