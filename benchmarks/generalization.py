@@ -29,7 +29,7 @@ calibration error (ECE, 15 bins) are computed here, from the saved model directo
 test split. Every cell is the mean ± sample standard deviation over `n` training seeds (ensembles: over `n`
 disjoint sets of 5 seeds).
 
-Run: `python benchmarks/generalization.py` (about 20 minutes on 2 shared cores, 2 runs at a time),
+Run: `python benchmarks/generalization.py` (about 20 minutes on 2 cores, 2 runs at a time: 31 minutes of runs),
 `--quick` for a smoke run (a few minutes), `--tasks digits lm` to choose, `--jobs 1` for one run at a time.
 """
 

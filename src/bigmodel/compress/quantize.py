@@ -48,7 +48,9 @@ def _fbgemm_pack(q: torch.Tensor, scales: torch.Tensor) -> object | None:
             return None
 
 
-def _per_row_dynamic(x: torch.Tensor, packed: object, staging: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _per_row_dynamic(
+    x: torch.Tensor, packed: object, staging: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """fbgemm's dynamic int8 matmul with every row of x (M, in) quantized on its own grid, plus the bias.
 
     fbgemm picks one activation range for the whole input. Each row is scaled to max |x| = 1 and written
