@@ -6,24 +6,31 @@
 | breast-cancer | mlp, 64 hidden, 600 steps                    | the built-in stratified 20% hold-out (113)        |
 | genre         | encoder classifier, 1 layer x 64, 128 chars  | the 8 held-out plays (3,865 passages)             |
 | lm            | GPT, 2 layers x 64, char vocabulary          | the prepared val split of Shakespeare             |
+| digits-wide   | mlp, 512 hidden, 2000 steps (label smoothing only) | as digits                                   |
+| genre-long    | the genre encoder, 1500 steps (label smoothing only) | as genre                                  |
 
 Techniques on the classifiers: decoupled weight decay, explicit L2 and L1 penalties, max-norm, dropout,
-label smoothing, early stopping (the model of the best validation loss, RUN/best/), and a soft-voting
-ensemble of 5 baseline seeds beside its best member (the one with the best validation accuracy). On the
-language model: label smoothing and the uniform average of the run's last 5 checkpoints. The baseline has
-no regularisation at all (no weight decay, no dropout). Every setting is one `--set`-style override of the
-baseline, at a common default value, not tuned here; max-norm's limit sits near the median row norm of the
-baseline's trained matrices (mlp 1, encoder 0.25), since a limit above the weights' norms does nothing.
+label smoothing (0.05 and 0.1), early stopping (the model of the best validation loss, RUN/best/), and
+soft-voting ensembles of 5 members beside their best member (the one with the best validation accuracy),
+built three ways: "seeds" (the baseline with 5 seeds), "bagged" (the baseline, each member trained on a
+bootstrap resample of the training split: `train.bootstrap=true`; digits and breast cancer) and "varied"
+(5 different architectures: VARIED_MEMBERS). On the language model: label smoothing and the uniform average
+of the run's last 5 checkpoints. digits-wide and genre-long compare label smoothing with baselines that are
+over-confident: a wide MLP trained far past fitting its data, and the genre encoder trained 5 x longer.
+The baseline has no regularisation at all (no weight decay, no dropout). Every setting is one `--set`-style
+override of the baseline, at a common default value, not tuned here; max-norm's limit sits near the median
+row norm of the baseline's trained matrices (mlp 1, encoder 0.25), since a limit above the weights' norms
+does nothing.
 
 The loop's validation split ("val") is a part carved out of the training data (classifiers: a stratified
 20% of the arrays' training part; genre: the first training play of each genre, in file-name order). Only
-early stopping and the choice of the ensemble's best member look at it. The test metric and the expected
+early stopping and the choice of an ensemble's best member look at it. The test metric and the expected
 calibration error (ECE, 15 bins) are computed here, from the saved model directory's probabilities on the
 test split. Every cell is the mean ± sample standard deviation over `n` training seeds (ensembles: over `n`
 disjoint sets of 5 seeds).
 
-Run: `python benchmarks/generalization.py` (7 to 11 minutes on 2 shared cores, 2 runs at a time), `--quick`
-for a smoke run (a few minutes), `--tasks digits lm` to choose, `--jobs 1` for one run at a time.
+Run: `python benchmarks/generalization.py` (about 20 minutes on 2 cores, 2 runs at a time: 31 minutes of runs),
+`--quick` for a smoke run (a few minutes), `--tasks digits lm` to choose, `--jobs 1` for one run at a time.
 """
 
 from __future__ import annotations
@@ -72,9 +79,16 @@ class TaskSpec:
     steps: int
     quick_steps: int
     eval_every: int  # early stopping's periodic validation
-    ensembles: int  # disjoint 5-seed ensembles in a full run
+    ensembles: int  # disjoint 5-member ensembles per recipe in a full run
     max_norm: float  # near the median row norm of the baseline's trained matrices, so that the limit binds
     task: str | None = None
+    data: str = ""  # the data set ("" = the task's name)
+    techniques: tuple[str, ...] = ()  # the technique rows to run ("" = all of classifier_techniques)
+    recipes: tuple[str, ...] = ("seeds", "varied")  # the ensembles to build (ENSEMBLE_RECIPES)
+
+    @property
+    def dataset(self) -> str:
+        return self.data or self.name
 
 
 MLP_BASE = ["model.hidden=64", "train.weight_decay=0"]
@@ -82,9 +96,18 @@ ENCODER_BASE = [
     *("model.n_layer=1", "model.n_embd=64", "model.n_head=2", "model.d_ff=128", "model.block_size=128"),
     *("model.dropout=0", "train.weight_decay=0", "train.lr=3e-3"),
 ]
+SMOOTHING = ("label smoothing 0.05", "label smoothing 0.1")
 CLASSIFIERS: dict[str, TaskSpec] = {
     "digits": TaskSpec(
-        name="digits", preset="mlp", base=MLP_BASE, steps=600, quick_steps=300, eval_every=20, ensembles=3, max_norm=1.0
+        name="digits",
+        preset="mlp",
+        base=MLP_BASE,
+        steps=600,
+        quick_steps=300,
+        eval_every=20,
+        ensembles=5,
+        max_norm=1.0,
+        recipes=("seeds", "bagged", "varied"),
     ),
     "breast-cancer": TaskSpec(
         name="breast-cancer",
@@ -93,8 +116,9 @@ CLASSIFIERS: dict[str, TaskSpec] = {
         steps=600,
         quick_steps=300,
         eval_every=20,
-        ensembles=3,
+        ensembles=5,
         max_norm=1.0,
+        recipes=("seeds", "bagged", "varied"),
     ),
     "genre": TaskSpec(
         name="genre",
@@ -103,34 +127,113 @@ CLASSIFIERS: dict[str, TaskSpec] = {
         steps=300,
         quick_steps=100,
         eval_every=25,
-        ensembles=1,  # a genre run costs ~10 x a digits run: one ensemble keeps the benchmark within 15 minutes
+        ensembles=2,  # a genre run costs ~10 x a digits run: two ensembles per recipe keep within 20 minutes
         max_norm=0.25,
         task="classify",
+    ),
+    # Label smoothing where the baseline is over-confident: a wide MLP (512 hidden units) trained far past
+    # fitting its training set (2000 steps of 64: about 110 epochs of the 1,149 training digits).
+    "digits-wide": TaskSpec(
+        name="digits-wide",
+        preset="mlp",
+        base=["model.hidden=512", "train.weight_decay=0"],
+        steps=2000,
+        quick_steps=600,
+        eval_every=0,
+        ensembles=0,
+        max_norm=0.0,
+        data="digits",
+        techniques=("baseline", *SMOOTHING),
+        recipes=(),
+    ),
+    # ... and the genre encoder trained 5 x longer (1500 steps of 32: about 4 epochs of the 11,619 training
+    # passages), which grows more confident on the unseen plays without growing more accurate
+    "genre-long": TaskSpec(
+        name="genre-long",
+        preset="encoder",
+        base=ENCODER_BASE,
+        steps=1500,
+        quick_steps=300,
+        eval_every=0,
+        ensembles=0,
+        max_norm=0.0,
+        task="classify",
+        data="genre",
+        techniques=("baseline", *SMOOTHING),
+        recipes=(),
     ),
 }
 
 
 # Technique name -> overrides on top of the baseline. "early stopping" evaluates RUN/best/, the rest RUN/final/.
 def classifier_techniques(spec: TaskSpec) -> dict[str, list[str]]:
-    return {
+    every = {
         "baseline": [],
         "weight decay 0.1": ["train.weight_decay=0.1"],
         "L2 1e-3": ["train.l2=1e-3"],
         "L1 1e-4": ["train.l1=1e-4"],
         f"max-norm {spec.max_norm:g}": [f"train.max_norm={spec.max_norm}"],
         "dropout 0.2": ["model.dropout=0.2"],
+        "label smoothing 0.05": ["train.label_smoothing=0.05"],
         "label smoothing 0.1": ["train.label_smoothing=0.1"],
         "early stopping": ["train.early_stopping_patience=5", f"train.eval_every={spec.eval_every}"],
     }
+    return {k: v for k, v in every.items() if not spec.techniques or k in spec.techniques}
 
 
-ENSEMBLE = f"ensemble of {ENSEMBLE_SIZE} (soft vote)"
-BEST_MEMBER = f"best of the {ENSEMBLE_SIZE} members"
+# Ensembles of ENSEMBLE_SIZE members, each recipe a list of the members' overrides on top of the baseline.
+# Member i of the k-th ensemble trains with seed member_seeds(k)[i]; "seeds" members are the baseline runs.
+VARIED_MEMBERS: dict[str, list[list[str]]] = {
+    # the mlp's connection patterns (nn/connections.py) and widths, each with dropout
+    "mlp": [
+        ["model.hidden=256", "model.dropout=0.3"],
+        ["model.hidden=256", "model.n_hidden=2", "model.dropout=0.3"],
+        ["model.connection=second-order", "model.rank=4", "model.hidden=128", "model.dropout=0.3"],
+        ["model.connection=sparse", "model.hidden=512", "model.dropout=0.3"],
+        ["model.connection=interactive", "model.hidden=256", "model.dropout=0.3"],
+    ],
+    # the encoder's width, depth and context, regularised in different ways
+    "encoder": [
+        [],
+        ["model.dropout=0.1", "train.weight_decay=0.1"],
+        ["model.n_embd=96", "model.n_head=3", "model.d_ff=192"],
+        ["model.n_layer=2"],
+        ["train.l1=1e-4", "model.block_size=96"],
+    ],
+}
+RECIPE_NOTES = {
+    "seeds": "the baseline with 5 seeds",
+    "bagged": "the baseline on 5 bootstrap resamples of train (train.bootstrap=true)",
+    "varied mlp": "dense 256, 2 x 256, second-order r4 128, sparse 512, interactive 256, dropout 0.3",
+    "varied encoder": "baseline, dropout + decay, 96 wide, 2 layers, L1 + 96 chars",
+}
+
+
+def recipe_members(recipe: str, preset: str) -> list[tuple[str, list[str]]]:
+    """(run label, overrides) of a recipe's ENSEMBLE_SIZE members; equal labels share runs (seeds = baseline)."""
+    if recipe == "seeds":
+        return [("baseline", [])] * ENSEMBLE_SIZE
+    if recipe == "bagged":
+        return [("bagged member", ["train.bootstrap=true"])] * ENSEMBLE_SIZE
+    if recipe == "varied":
+        return [(f"varied member {i + 1}", sets) for i, sets in enumerate(VARIED_MEMBERS[preset])]
+    raise ValueError(f"unknown ensemble recipe {recipe!r}")
+
+
+def ensemble_name(recipe: str) -> str:
+    return f"ensemble of {ENSEMBLE_SIZE} {recipe} (soft vote)"
+
+
+def best_name(recipe: str) -> str:
+    return f"best of the {ENSEMBLE_SIZE} {recipe}"
+
 
 # The language model: a tiny GPT on the char-level Shakespeare; label smoothing, and the average of the
 # baseline's last LM_AVERAGE checkpoints.
 LM_STEPS, LM_QUICK_STEPS, LM_AVERAGE = 300, 100, 5
-LM_TECHNIQUES = ("baseline", "label smoothing 0.1", f"average of last {LM_AVERAGE} checkpoints")
+LM_AVERAGED = f"average of last {LM_AVERAGE} checkpoints"
+LM_TRAINED = ("baseline", *SMOOTHING)  # the runs; the baseline's also gives the checkpoint average
+LM_TECHNIQUES = (*LM_TRAINED, LM_AVERAGED)
 LM_BASE = [
     "model.block_size=64",
     "model.n_layer=2",
@@ -181,7 +284,9 @@ def clearly_different(a: Sequence[float], b: Sequence[float]) -> bool:
         return False
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
-    return abs(ma - mb) > 2 * se if se > 0 else ma != mb
+    if se > 0:
+        return abs(ma - mb) > 2 * se
+    return not math.isclose(ma, mb, rel_tol=1e-9, abs_tol=1e-12)  # no spread: only a real gap (not rounding)
 
 
 def _pm(values: Sequence[float], digits: int = 4) -> str:
@@ -243,31 +348,31 @@ def compare(
     return better, not_better
 
 
-def ensemble_verdict(rows: Sequence[Row], need: int = 2) -> str:
-    """The goal: the soft-voting ensemble beats its best member (mean test accuracy) on at least `need` tasks."""
-    won, lost = compare(rows, ENSEMBLE, BEST_MEMBER, "values", True)
+def ensemble_verdict(rows: Sequence[Row], recipe: str, need: int = 2) -> str:
+    """The goal: a soft-voting ensemble beats its best member (mean test accuracy) on at least `need` tasks."""
+    won, lost = compare(rows, ensemble_name(recipe), best_name(recipe), "values", True)
     state = "met" if len(won) >= need else "NOT met"
     return (
-        f"ensemble vs its best member, test accuracy: higher on {', '.join(won) or 'no task'}; "
+        f"{recipe} ensemble vs its best member, test accuracy: higher on {', '.join(won) or 'no task'}; "
         f"not higher on {', '.join(lost) or 'no task'} -> goal (at least {need} tasks): {state}"
     )
 
 
-def ensemble_nll_line(rows: Sequence[Row]) -> str:
+def ensemble_nll_line(rows: Sequence[Row], recipe: str) -> str:
     """The same comparison on the test negative log-likelihood (no goal attached: information only)."""
-    won, lost = compare(rows, ENSEMBLE, BEST_MEMBER, "nlls", False)
+    won, lost = compare(rows, ensemble_name(recipe), best_name(recipe), "nlls", False)
     return (
-        f"ensemble vs its best member, test NLL: lower on {', '.join(won) or 'no task'}; "
+        f"{recipe} ensemble vs its best member, test NLL: lower on {', '.join(won) or 'no task'}; "
         f"not lower on {', '.join(lost) or 'no task'}"
     )
 
 
-def smoothing_verdict(rows: Sequence[Row], need: int = 1) -> str:
+def smoothing_verdict(rows: Sequence[Row], technique: str = "label smoothing 0.1", need: int = 1) -> str:
     """The goal: label smoothing lowers the mean ECE against the baseline on at least `need` tasks."""
-    lower, higher = compare(rows, "label smoothing 0.1", "baseline", "eces", False)
+    lower, higher = compare(rows, technique, "baseline", "eces", False)
     state = "met" if len(lower) >= need else "NOT met"
     return (
-        f"label smoothing vs baseline, ECE: lower on {', '.join(lower) or 'no task'}; "
+        f"{technique} vs baseline, ECE: lower on {', '.join(lower) or 'no task'}; "
         f"not lower on {', '.join(higher) or 'no task'} -> goal (at least {need} task): {state}"
     )
 
@@ -288,7 +393,7 @@ def effects_summary(rows: Sequence[Row]) -> list[str]:
             better: list[str] = []
             worse: list[str] = []
             for r in rows:
-                if r.task != task or r is base or r.technique == BEST_MEMBER:
+                if r.task != task or r is base or r.technique.startswith("best of"):
                     continue
                 mine, theirs = getattr(r, column), getattr(base, column)
                 if clearly_different(mine, theirs):
@@ -415,15 +520,16 @@ def score(probs: np.ndarray, labels: np.ndarray) -> Outcome:
 class ClassifierJob:
     spec: TaskSpec
     split: Split
-    technique: str
+    technique: str  # a technique of classifier_techniques, or an ensemble member's label (recipe_members)
     seed: int
     steps: int
+    sets: tuple[str, ...]  # the technique's (or member's) overrides of the baseline
 
 
 def run_classifier(job: ClassifierJob, root: Path) -> Outcome:
     spec = job.spec
     sets = [*spec.base, *QUIET, f"train.max_steps={job.steps}", f"train.seed={job.seed}"]
-    sets += ["train.checkpoint_every=0", "train.eval_every=0", *classifier_techniques(spec)[job.technique]]
+    sets += ["train.checkpoint_every=0", "train.eval_every=0", *job.sets]
     out = root / "runs" / spec.name / f"{job.technique.replace(' ', '-')}-{job.seed}"
     t = time.time()
     result = run_loop(spec.preset, job.split.data, out, sets, spec.task)
@@ -465,7 +571,7 @@ def lm_score(model: GPT, shards: TokenShards) -> LMScore:
 @dataclass(frozen=True)
 class LMJob:
     data: Path
-    technique: str  # "baseline" (also scores the average of its last checkpoints) | "label smoothing 0.1"
+    technique: str  # "baseline" (also scores the average of its last checkpoints) | "label smoothing X"
     seed: int
     steps: int
 
@@ -476,7 +582,7 @@ def run_lm(job: LMJob, root: Path) -> dict[str, LMScore]:
     if job.technique == "baseline":
         sets.append(f"train.checkpoint_every={every}")
     else:
-        sets += ["train.checkpoint_every=0", "train.label_smoothing=0.1"]
+        sets += ["train.checkpoint_every=0", f"train.label_smoothing={job.technique.split()[-1]}"]
     out = root / "runs" / "lm" / f"{job.technique.replace(' ', '-')}-{job.seed}"
     t = time.time()
     run_loop("tiny", job.data, out, sets)
@@ -484,7 +590,7 @@ def run_lm(job: LMJob, root: Path) -> dict[str, LMScore]:
     scores = {job.technique: lm_score(GPT.from_pretrained(out / "final"), shards)}
     if job.technique == "baseline":
         last = run_checkpoints(out, LM_AVERAGE)
-        scores[LM_TECHNIQUES[2]] = lm_score(average_checkpoints(last), shards)
+        scores[LM_AVERAGED] = lm_score(average_checkpoints(last), shards)
     _progress(
         f"lm: {job.technique}, seed {job.seed}: "
         + ", ".join(f"{k} {v.bits_per_byte:.4f} bits/byte, ECE {v.ece:.4f}" for k, v in scores.items())
@@ -521,7 +627,8 @@ def member_seeds(k: int) -> list[int]:
     return list(range(1 + ENSEMBLE_SIZE * k, 1 + ENSEMBLE_SIZE * (k + 1)))
 
 
-RELATIVE_COST = {"genre": 10, "lm": 6, "digits": 2, "breast-cancer": 1}  # seconds per run, roughly
+# seconds per run, roughly
+RELATIVE_COST = {"genre-long": 50, "genre": 10, "lm": 6, "digits-wide": 2, "digits": 2, "breast-cancer": 1}
 
 
 def plan(tasks: list[str], splits: dict[str, Split], lm_data: Path | None, repeats: int, quick: bool) -> list[Job]:
@@ -531,13 +638,18 @@ def plan(tasks: list[str], splits: dict[str, Split], lm_data: Path | None, repea
         if name == "lm":
             assert lm_data is not None
             steps = LM_QUICK_STEPS if quick else LM_STEPS
-            jobs += [LMJob(lm_data, t, s, steps) for s in range(1, repeats + 1) for t in LM_TECHNIQUES[:2]]
+            jobs += [LMJob(lm_data, t, s, steps) for s in range(1, repeats + 1) for t in LM_TRAINED]
             continue
         spec = CLASSIFIERS[name]
         steps = spec.quick_steps if quick else spec.steps
-        runs = {(t, s) for t in classifier_techniques(spec) for s in range(1, repeats + 1)}
-        runs |= {("baseline", s) for k in range(1 if quick else spec.ensembles) for s in member_seeds(k)}
-        jobs += [ClassifierJob(spec, splits[name], t, s, steps) for t, s in sorted(runs, key=lambda r: (r[1], r[0]))]
+        runs = {(t, s): tuple(sets) for t, sets in classifier_techniques(spec).items() for s in range(1, repeats + 1)}
+        for recipe in spec.recipes:
+            for k in range(1 if quick else spec.ensembles):
+                for (label, sets), s in zip(recipe_members(recipe, spec.preset), member_seeds(k), strict=True):
+                    runs[(label, s)] = tuple(sets)
+        split = splits[spec.dataset]
+        for t, s in sorted(runs, key=lambda r: (r[1], r[0])):
+            jobs.append(ClassifierJob(spec, split, t, s, steps, runs[(t, s)]))
     # the slow runs first, so that a pool does not end with one long run on an otherwise idle machine
     return sorted(jobs, key=lambda j: RELATIVE_COST["lm" if isinstance(j, LMJob) else j.spec.name], reverse=True)
 
@@ -558,7 +670,8 @@ def outcome_row(task: str, technique: str, outcomes: Sequence[Outcome], note: st
 
 
 def classifier_rows(spec: TaskSpec, results: dict[tuple[str, int], Outcome], repeats: int, ensembles: int) -> list[Row]:
-    """The task's table rows from its runs: each technique over seeds 1..repeats, then the ensembles."""
+    """The task's table rows from its runs: each technique over seeds 1..repeats, then each recipe's ensembles
+    beside their best members."""
     rows = []
     for technique in classifier_techniques(spec):
         outs = [results[(technique, s)] for s in range(1, repeats + 1)]
@@ -566,18 +679,21 @@ def classifier_rows(spec: TaskSpec, results: dict[tuple[str, int], Outcome], rep
         if technique == "early stopping":
             note = f"best/ of runs that stopped after {statistics.fmean(o.steps for o in outs):.0f} steps (mean)"
         rows.append(outcome_row(spec.name, technique, outs, note))
-    voted, best, member_acc, oracle = [], [], [], []
-    for k in range(ensembles):
-        members = [results[("baseline", s)] for s in member_seeds(k)]
-        probs = soft_vote(torch.from_numpy(np.stack([m.probs for m in members]))).numpy()  # (M, N, C) -> (N, C)
-        voted.append(score(probs, members[0].labels))
-        best.append(best_member(members))
-        member_acc += [m.accuracy for m in members]
-        oracle.append(max(m.accuracy for m in members))
-    note = f"{ensembles} x {ENSEMBLE_SIZE} baseline seeds; members' mean accuracy {statistics.fmean(member_acc):.4f}"
-    rows.append(outcome_row(spec.name, ENSEMBLE, voted, note))
-    note = f"chosen on validation; the best on test (an oracle) has {statistics.fmean(oracle):.4f}"
-    rows.append(outcome_row(spec.name, BEST_MEMBER, best, note))
+    for recipe in spec.recipes:
+        voted, best, member_acc, oracle = [], [], [], []
+        for k in range(ensembles):
+            labels = [label for label, _ in recipe_members(recipe, spec.preset)]
+            members = [results[(label, s)] for label, s in zip(labels, member_seeds(k), strict=True)]
+            probs = soft_vote(torch.from_numpy(np.stack([m.probs for m in members]))).numpy()  # (M, N, C) -> (N, C)
+            voted.append(score(probs, members[0].labels))
+            best.append(best_member(members))
+            member_acc += [m.accuracy for m in members]
+            oracle.append(max(m.accuracy for m in members))
+        what = RECIPE_NOTES.get(recipe) or RECIPE_NOTES[f"{recipe} {spec.preset}"]
+        note = f"{ensembles} x ({what}); members' mean accuracy {statistics.fmean(member_acc):.4f}"
+        rows.append(outcome_row(spec.name, ensemble_name(recipe), voted, note))
+        note = f"chosen on validation; the best on test (an oracle) has {statistics.fmean(oracle):.4f}"
+        rows.append(outcome_row(spec.name, best_name(recipe), best, note))
     return rows
 
 
@@ -592,7 +708,7 @@ def best_member(members: Sequence[Outcome]) -> Outcome:
 def lm_rows(results: dict[tuple[str, int], dict[str, LMScore]], repeats: int) -> list[Row]:
     scores: dict[str, list[LMScore]] = {t: [] for t in LM_TECHNIQUES}
     for s in range(1, repeats + 1):
-        for technique in LM_TECHNIQUES[:2]:
+        for technique in LM_TRAINED:
             for name, value in results[(technique, s)].items():
                 scores[name].append(value)
     rows = []
@@ -618,7 +734,8 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="bigmodel-generalization-") as tmp:
         root = Path(tmp)
-        splits = {n: genre_split(root) if n == "genre" else array_split(n, root) for n in tasks if n in CLASSIFIERS}
+        datasets = dict.fromkeys(CLASSIFIERS[n].dataset for n in tasks if n in CLASSIFIERS)
+        splits = {d: genre_split(root) if d == "genre" else array_split(d, root) for d in datasets}
         lm_data = prepare_lm_data(root) if "lm" in tasks else None
         jobs = plan(tasks, splits, lm_data, repeats, args.quick)
         print(f"{len(jobs)} training runs, {args.jobs} at a time ...", file=sys.stderr, flush=True)
@@ -650,7 +767,11 @@ def main() -> None:
     )
     print(format_table(rows))
     print()
-    for line in [*effects_summary(rows), ensemble_verdict(rows), ensemble_nll_line(rows), smoothing_verdict(rows)]:
+    recipes = dict.fromkeys(r for n in tasks if n in CLASSIFIERS for r in CLASSIFIERS[n].recipes)
+    lines = [*effects_summary(rows)]
+    lines += [line for r in recipes for line in (ensemble_verdict(rows, r), ensemble_nll_line(rows, r))]
+    lines += [smoothing_verdict(rows, technique) for technique in SMOOTHING]
+    for line in lines:
         print(f"- {line}")
 
 

@@ -382,6 +382,7 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0  # an improvement must beat the best by more than this
     # --- tasks other than lm (classify, seq2seq, mlm, autoencode) count their batches in examples ---
     batch_size: int = 64  # global batch: examples per optimizer step (micro_batch examples per forward)
+    bootstrap: bool = False  # bagging: train on a bootstrap resample of the training examples, drawn from `seed`
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps", self.max_steps, "an integer >= 1")

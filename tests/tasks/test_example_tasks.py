@@ -13,7 +13,8 @@ from bigmodel.errors import UserError
 from bigmodel.metrics import activation_sparsity
 from bigmodel.models.encoder import IGNORE
 from bigmodel.tasks import TASKS, AutoencodeTask, ClassifyTask, MLMTask, Seq2SeqTask
-from bigmodel.tasks.examples import ExampleStream
+from bigmodel.tasks.examples import ExampleStream, bootstrap_sample
+from bigmodel.tasks.lm import LMTask
 
 
 def _collate(idx: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -42,6 +43,41 @@ def test_example_stream_ranks_read_disjoint_examples() -> None:
     assert not set(a.tolist()) & set(b.tolist())
     with pytest.raises(UserError, match="cannot be shared"):
         ExampleStream(1, 1, 0, _collate, world_size=2)
+
+
+def test_bootstrap_stream_reads_a_fixed_resample_each_epoch_and_resumes() -> None:
+    n = 40
+    sample = bootstrap_sample(n, seed=5)
+    assert sample.shape == (n,) and int(sample.min()) >= 0 and int(sample.max()) < n
+    assert 15 < len(set(sample.tolist())) < n  # with replacement: about 63% distinct (25.3 of 40 expected)
+    assert torch.equal(sample, bootstrap_sample(n, seed=5)) and not torch.equal(sample, bootstrap_sample(n, seed=6))
+    stream = ExampleStream(n, 8, seed=5, collate=_collate, bootstrap=True)
+    drawn = torch.cat([stream.next_batch()["i"] for _ in range(10)])  # two epochs of the resample
+    for epoch in (drawn[:n], drawn[n:]):  # each epoch: the resample's multiset, repeats included
+        assert torch.equal(epoch.sort().values, sample.sort().values)
+    assert not torch.equal(drawn[:n], drawn[n:])
+    resumed = ExampleStream(n, 8, seed=5, collate=_collate, bootstrap=True)
+    resumed.load_state_dict({"epoch": 1, "cursor": 0})
+    assert torch.equal(torch.cat([resumed.next_batch()["i"] for _ in range(5)]), drawn[n:])
+    # ranks split one resample (the same on every rank): together they read it once per epoch
+    ranks = [ExampleStream(n, n // 2, seed=5, collate=_collate, rank=r, world_size=2, bootstrap=True) for r in (0, 1)]
+    both = torch.cat([r.next_batch()["i"] for r in ranks])
+    assert torch.equal(both.sort().values, sample.sort().values)
+
+
+def test_train_bootstrap_resamples_the_classify_examples_and_is_refused_by_lm(char_data: Path) -> None:
+    config = resolve_config("mlp", None, ["train.bootstrap=true", "train.micro_batch=64"])
+    task = ClassifyTask(config, "breast-cancer")
+    n = len(task.y_train)
+    stream = task.batches(64, seed=3)
+    idx = torch.cat([stream.next_indices() for _ in range(-(-n // 64))])[:n]
+    assert torch.equal(idx.sort().values, bootstrap_sample(n, 3).sort().values)  # the resample, not 0..n-1
+    assert len(set(idx.tolist())) < n
+    plain = ClassifyTask(resolve_config("mlp"), "breast-cancer").batches(64, seed=3)
+    every = torch.cat([plain.next_indices() for _ in range(-(-n // 64))])[:n]
+    assert sorted(every.tolist()) == list(range(n))  # off by default: each example once per epoch
+    with pytest.raises(UserError, match="train.bootstrap"):
+        LMTask(resolve_config("tiny", None, ["train.bootstrap=true"]), char_data)
 
 
 def _train(task, steps: int, lr: float = 3e-3) -> tuple[torch.nn.Module, list[float]]:  # type: ignore[no-untyped-def]

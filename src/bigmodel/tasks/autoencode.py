@@ -49,7 +49,7 @@ class AutoencodeTask(ExampleTask):
         return model
 
     def batches(self, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> ExampleStream:
-        return ExampleStream(
+        return self.stream(
             len(self.x_train), micro_batch, seed, lambda idx, _: {"features": self.x_train[idx]}, rank, world_size
         )
 

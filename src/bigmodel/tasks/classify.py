@@ -141,7 +141,7 @@ class ClassifyTask(ExampleTask):
 
     def batches(self, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> ExampleStream:
         x, y = self._inputs("train")
-        return ExampleStream(len(y), micro_batch, seed, lambda idx, _: self._collate(x, y, idx), rank, world_size)
+        return self.stream(len(y), micro_batch, seed, lambda idx, _: self._collate(x, y, idx), rank, world_size)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         _, loss = model(**batch, label_smoothing=self.config.train.label_smoothing)  # smoothing: training only

@@ -32,18 +32,22 @@ class ExampleStream:
         collate: Callable[[torch.Tensor, torch.Generator], Batch],
         rank: int = 0,
         world_size: int = 1,
+        bootstrap: bool = False,
     ) -> None:
         if n < world_size:
             raise UserError(f"{n} training examples cannot be shared by {world_size} ranks")
         self.n, self.micro_batch, self.seed = n, micro_batch, seed
         self.rank, self.world_size = rank, world_size
         self.collate = collate
+        self.sample = bootstrap_sample(n, seed) if bootstrap else None  # (n,) indices, repeats allowed
         self.epoch, self.cursor = 0, 0
         self._order = self._epoch_order(0)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(self.n, generator=g)
+        if self.sample is not None:  # a permutation of the resample: its repeats come round as often as drawn
+            perm = self.sample[perm]
         return perm[self.rank :: self.world_size][: self.n // self.world_size]
 
     def next_indices(self) -> torch.Tensor:
@@ -71,6 +75,12 @@ class ExampleStream:
         self._order = self._epoch_order(self.epoch)
 
 
+def bootstrap_sample(n: int, seed: int) -> torch.Tensor:
+    """n example indices drawn uniformly with replacement from 0..n-1, fixed by `seed` (the same on every rank)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 - 1)  # a stream apart from the epochs' permutations
+    return torch.randint(n, (n,), generator=g)
+
+
 class ExampleTask(Task):
     """Base of the tasks whose batches are counted in examples (`train.batch_size` per optimizer step)."""
 
@@ -81,6 +91,18 @@ class ExampleTask(Task):
 
     def units(self, batch: Batch) -> int:
         return int(next(iter(batch.values())).shape[0])
+
+    def stream(
+        self,
+        n: int,
+        micro_batch: int,
+        seed: int,
+        collate: Callable[[torch.Tensor, torch.Generator], Batch],
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> ExampleStream:
+        """The task's ExampleStream over its n training examples, a bootstrap resample if `train.bootstrap`."""
+        return ExampleStream(n, micro_batch, seed, collate, rank, world_size, bootstrap=self.config.train.bootstrap)
 
 
 def to_device(batch: Batch, model: nn.Module) -> Batch:

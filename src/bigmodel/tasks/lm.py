@@ -48,6 +48,11 @@ class LMTask(Task):
         self.tokenizer = Tokenizer.from_pretrained(data)
         if not isinstance(config.model, GPTConfig):
             raise UserError(f"task lm trains GPT models, not model.arch={arch_of(config.model)!r}")
+        if config.train.bootstrap:
+            raise UserError(
+                "train.bootstrap resamples the examples of classify, seq2seq, mlm and autoencode; task lm streams "
+                "token windows: drop train.bootstrap (vary train.seed for ensemble members)"
+            )
         self.model_config: GPTConfig = config.model
         model = self.model_config
         if model.vocab_size is None:

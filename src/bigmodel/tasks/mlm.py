@@ -87,7 +87,7 @@ class MLMTask(ExampleTask):
         return Encoder(self.config.model)
 
     def batches(self, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> ExampleStream:
-        return ExampleStream(
+        return self.stream(
             len(self.train_windows),
             micro_batch,
             seed,

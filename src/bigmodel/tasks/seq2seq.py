@@ -79,7 +79,7 @@ class Seq2SeqTask(ExampleTask):
         return Seq2SeqTransformer(model) if isinstance(model, Seq2SeqConfig) else RNNSeq2Seq(model)  # type: ignore[arg-type]
 
     def batches(self, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> ExampleStream:
-        return ExampleStream(
+        return self.stream(
             len(self.train), micro_batch, seed, lambda idx, _: self._collate(self.train, idx), rank, world_size
         )
 
