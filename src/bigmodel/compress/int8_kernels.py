@@ -12,6 +12,7 @@ The kernels compile on first use (a second or two, cached on disk by numba after
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 from typing import Any
 
@@ -31,19 +32,20 @@ def _compiled() -> tuple[Any, Any] | None:
     jit = numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False, nogil=True)
 
     @jit
-    def one_row(x: Any, w: Any, scales: Any, out: Any) -> None:  # x (K,), w (N, K) int8 -> out (N,)
+    def one_row(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:  # x (1, K), w (N, K) -> out (1, N)
         N, K = w.shape
         for n in numba.prange(N):
             acc = np.float32(0.0)
             for k in range(K):
-                acc += x[k] * np.float32(w[n, k])
-            out[n] = acc * scales[n]
+                acc += x[0, k] * np.float32(w[n, k])
+            out[0, n] = acc * scales[n] + bias[n]
 
     @jit
-    def few_rows(x: Any, w: Any, scales: Any, out: Any) -> None:  # x (M, K), w (N, K) int8 -> out (M, N)
+    def few_rows(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:  # x (M, K), w (N, K) -> out (M, N)
         M, K = x.shape
         N = w.shape[0]
         for n in numba.prange(N):
+            sn, bn = scales[n], bias[n]
             m = 0
             while m + 4 <= M:  # four activation rows share each widened weight: four independent sums
                 a0 = a1 = a2 = a3 = np.float32(0.0)
@@ -53,14 +55,14 @@ def _compiled() -> tuple[Any, Any] | None:
                     a1 += x[m + 1, k] * wk
                     a2 += x[m + 2, k] * wk
                     a3 += x[m + 3, k] * wk
-                out[m, n], out[m + 1, n] = a0 * scales[n], a1 * scales[n]
-                out[m + 2, n], out[m + 3, n] = a2 * scales[n], a3 * scales[n]
+                out[m, n], out[m + 1, n] = a0 * sn + bn, a1 * sn + bn
+                out[m + 2, n], out[m + 3, n] = a2 * sn + bn, a3 * sn + bn
                 m += 4
             while m < M:
                 acc = np.float32(0.0)
                 for k in range(K):
                     acc += x[m, k] * np.float32(w[n, k])
-                out[m, n] = acc * scales[n]
+                out[m, n] = acc * sn + bn
                 m += 1
 
     return one_row, few_rows
@@ -71,22 +73,30 @@ def available() -> bool:
     return _compiled() is not None
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 @ (weight (N, K) int8 * scales (N,)[:, None]).T -> (M, N) float32, M <= MAX_ROWS.
+_threads = threading.local()  # numba's thread count is set per calling thread
+
+
+def _match_torch_threads() -> None:
+    """Use as many threads as torch does (checked cheaply: decoding calls this ~50 times a step)."""
+    wanted = torch.get_num_threads()
+    if getattr(_threads, "count", None) != wanted:
+        import numba
+
+        numba.set_num_threads(min(wanted, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+        _threads.count = wanted
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 @ (weight (N, K) int8 * scales (N,)[:, None]).T + bias (N,) -> (M, N) float32,
+    for M <= MAX_ROWS.
 
     CPU tensors only; uses as many threads as torch does.
     """
     kernels = _compiled()
     assert kernels is not None, "numba is not installed"
-    import numba
-
-    threads = torch.get_num_threads()
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    _match_torch_threads()
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    if x.shape[0] == 1:
-        kernels[0](x[0].numpy(), weight.numpy(), scales.numpy(), out[0].numpy())
-    else:
-        kernels[1](x.numpy(), weight.numpy(), scales.numpy(), out.numpy())
+    kernel = kernels[0] if x.shape[0] == 1 else kernels[1]
+    kernel(x.numpy(), weight.numpy(), scales.numpy(), bias.numpy(), out.numpy())
     return out

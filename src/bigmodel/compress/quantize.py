@@ -112,6 +112,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self.kernel = int8_kernel(weight.device)
+        self._zeros = torch.zeros(self.out_features)  # the numba kernels' bias when there is none
         self.packed = None
         if self.kernel == "fbgemm":
             pinned = torch.cat([q, q.new_zeros(self.out_features, 2)], dim=1)  # zero weights for the pin columns
@@ -142,9 +143,8 @@ class Int8Linear(nn.Module):
         if self.kernel == "fbgemm":
             y = _per_row_dynamic(xf, self.packed, self._staging_for(xf.size(0)), self.bias)
         elif xf.size(0) <= int8_kernels.MAX_ROWS:  # decoding: stream the int8 weights
-            y = int8_kernels.int8_matmul(xf, self.weight_int8, self.scales)
-            if self.bias is not None:
-                y += self.bias
+            bias = self.bias if self.bias is not None else self._zeros
+            y = int8_kernels.int8_matmul(xf, self.weight_int8, self.scales, bias.detach())
         else:  # prefill and evaluation: enough rows that BLAS on the dequantized weight is faster
             y = F.linear(xf, self.dequantized(), self.bias)
         y = y if x.dtype == torch.float32 else y.to(x.dtype)  # (M, out)
