@@ -90,10 +90,14 @@ def main() -> None:
         "bigmodel fp32": ours,
         "bigmodel bf16": cast_for_inference(copy.deepcopy(ours), "bf16"),
     }
-    for kernel in [k for k in KERNELS if available(k)]:  # every int8 kernel this machine has (the default first)
-        os.environ["BIGMODEL_INT8_KERNEL"] = kernel
-        variants[f"bigmodel int8 {kernel}"] = cast_for_inference(copy.deepcopy(ours), "int8")
-    os.environ.pop("BIGMODEL_INT8_KERNEL")
+    before = os.environ.pop("BIGMODEL_INT8_KERNEL", None)
+    for kernel in [k for k in KERNELS if available(k)] or [None]:  # every CPU int8 kernel here, the default first
+        if kernel:
+            os.environ["BIGMODEL_INT8_KERNEL"] = kernel
+        variants[f"bigmodel int8 {kernel or 'int8pack'}"] = cast_for_inference(copy.deepcopy(ours), "int8")
+    os.environ.pop("BIGMODEL_INT8_KERNEL", None)
+    if before is not None:
+        os.environ["BIGMODEL_INT8_KERNEL"] = before
     bw = read_bandwidth()
     print(
         f"GPT-2 124M shape, random weights; prompt {PROMPT} tokens, {args.new} new tokens, greedy; "

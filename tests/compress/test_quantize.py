@@ -205,3 +205,27 @@ def test_quantized_model_is_a_gpt() -> None:
     q = quantize_int8(tiny_gpt(V))
     assert isinstance(q, GPT) and not q.training
     assert all(not p.requires_grad for m in q.modules() if isinstance(m, Int8Linear) for p in m.parameters())
+
+
+def test_int8_model_cast_to_bf16_after_quantization_still_runs(kernel: str) -> None:
+    """model.to(bfloat16) after quantization turns the scales and biases bf16: the kernels take fp32 copies."""
+    q = quantize_int8(tiny_gpt(V, scale=3.0))
+    idx = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected, _ = q(idx)
+        q.to(torch.bfloat16)
+        got, _ = q(idx)
+        step, _ = q(idx[:, :1])  # one row: the decoding kernels
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got.float()).all() and torch.isfinite(step.float()).all()
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=0.05 * float(expected.abs().max()))
+
+
+def test_int8_kernels_propagate_nan(kernel: str) -> None:
+    if kernel == "fbgemm":
+        pytest.skip("fbgemm quantizes activations: a NaN has no int8 value")
+    lin = Int8Linear(_weight(), torch.zeros(48))
+    for rows in (1, 3):
+        x = torch.randn(rows, 40)
+        x[0, 5] = float("nan")
+        y = lin(x)
+        assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()

@@ -195,6 +195,10 @@ def test_randomized_solvers_on_ill_conditioned_float32_data() -> None:
     np.testing.assert_allclose(pca.explained_variance_, ref.explained_variance_, rtol=1e-4)
     with pytest.raises(ValueError, match="iterated_power"):
         PCA(5, svd_solver="randomized", iterated_power="many").fit(A)
+    with pytest.raises(ValueError, match="iterated_power"):
+        PCA(5, svd_solver="randomized", iterated_power=True).fit(A)
+    power = PCA(5, svd_solver="randomized", iterated_power=np.int64(7), random_state=0).fit(A)  # from a grid search
+    np.testing.assert_allclose(power.explained_variance_, pca.explained_variance_, rtol=1e-6)
 
 
 def test_truncated_svd_variance_of_sparse_input_is_not_densified() -> None:
@@ -220,7 +224,9 @@ def test_randomized_svd_gram_path_and_its_fallback_match_the_exact_svd() -> None
         tall = A.shape[0] >= A.shape[1]
         assert decompose._gram_pays(A32, 15, 5) == tall
         if tall:
-            assert (decompose._gram_range(A32, 5, torch.randn(A.shape[1], 15), 5) is not None) == gram
+            found = decompose._gram_range(A32, 5, torch.randn(A.shape[1], 15), 5)
+            assert isinstance(found, tuple) == gram  # else: the subspace, to start the sampled iterations
+            assert gram or found.shape == (A.shape[1], 15)
         U, S, Vt = decompose.randomized_svd(A32, 5, n_iter=5, seed=0)
         exact = np.linalg.svd(A, compute_uv=False)[:5]
         np.testing.assert_allclose(S.numpy(), exact, rtol=1e-4)

@@ -95,9 +95,10 @@ def _per_row_dynamic(x: torch.Tensor, packed: object, staging: torch.Tensor, bia
 class Int8Linear(nn.Module):
     """A frozen Linear with int8 row-quantized weights, computed by the kernel `int8_kernel` picks.
 
-    The fbgemm kernel reuses an input staging buffer between calls (fewer ops per decoding step), so one
-    instance must not be called from several threads at once; the generation engine (and the server's
-    engine thread) call a model from one thread.
+    The fbgemm kernel reuses an input staging buffer between calls (fewer ops per decoding step), and
+    numba's fallback `workqueue` threading layer does not allow concurrent parallel calls, so call a model
+    from one thread at a time, as the generation engine (and the server's engine thread) do. Inputs on
+    another device than the CPU kernels' run through `torch._weight_int8pack_mm`.
     """
 
     weight_int8: torch.Tensor  # (out, in) int8
@@ -134,25 +135,25 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if self.kernel == "int8pack":
+        if self.kernel == "int8pack" or x2.device.type != "cpu":
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(x2.dtype))
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.view(*shape[:-1], self.out_features)
         xf = x2 if x2.dtype == torch.float32 else x2.float()
+        bias = None if self.bias is None else self.bias.detach().float()  # fp32 even after a model.to(bf16)
         if self.kernel == "fbgemm":
-            y = _per_row_dynamic(xf, self.packed, self._staging_for(xf.size(0)), self.bias)
+            y = _per_row_dynamic(xf, self.packed, self._staging_for(xf.size(0)), bias)
         elif xf.size(0) <= int8_kernels.MAX_ROWS:  # decoding: stream the int8 weights
-            bias = self.bias if self.bias is not None else self._zeros
-            y = int8_kernels.int8_matmul(xf, self.weight_int8, self.scales, bias.detach())
+            y = int8_kernels.int8_matmul(xf, self.weight_int8, self.scales, bias if bias is not None else self._zeros)
         else:  # prefill and evaluation: enough rows that BLAS on the dequantized weight is faster
-            y = F.linear(xf, self.dequantized(), self.bias)
+            y = F.linear(xf, self.dequantized(), bias)
         y = y if x.dtype == torch.float32 else y.to(x.dtype)  # (M, out)
         return y.view(*shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         """The float weight this layer computes with, (out, in)."""
-        return self.weight_int8.float() * self.scales[:, None]
+        return self.weight_int8.float() * self.scales.float()[:, None]
 
 
 def quantize_int8(model: GPT) -> GPT:

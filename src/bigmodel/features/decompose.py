@@ -9,6 +9,7 @@ input was numpy, as tensors when it was a tensor.
 from __future__ import annotations
 
 import mmap
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,8 +64,9 @@ def randomized_svd(
     omega = torch.randn(M.shape[1], width, generator=g, dtype=M.dtype, device=M.device)
     if _gram_pays(M, width, n_iter):
         found = _gram_range(M, k, omega, n_iter)
-        if found is not None:
+        if isinstance(found, tuple):
             return found
+        omega = found  # the Gram matrix's subspace, a better start for the sampled iterations
     Mt = M.t()
     Q = _matmul(M, omega)  # (n, width)
     for _ in range(n_iter):  # power iterations sharpen the spectrum; re-normalising keeps them stable
@@ -84,13 +86,15 @@ def _gram_pays(M: torch.Tensor, width: int, n_iter: int) -> bool:
     n, d = M.shape
     if M.is_sparse or n < d or d > 4096:
         return False
+    if M.is_cuda and M.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return False  # TF32 products: the Gram matrix would resolve only ~3 digits
     gram = (d / 2 if _on_numpy(M) else d) + width
     return gram < (2 * n_iter + 2) * width
 
 
 def _gram_range(
     M: torch.Tensor, k: int, omega: torch.Tensor, n_iter: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
     """The randomized SVD with its power iterations on G = M.T @ M (d, d).
 
     The sampled algorithm's right subspace is span(G^(n_iter + 1) omega); it is built here in float64 from
@@ -98,7 +102,7 @@ def _gram_range(
     vectors, as the final step of the sampled algorithm does (so their precision is M's, not the squared
     one of G). G itself is only as precise as M's dtype relative to its largest eigenvalue: when the k-th
     singular value is so small that G cannot resolve its direction (sigma_k^2 < 1000 eps sigma_1^2),
-    returns None and the caller runs the sampled iterations.
+    returns the subspace found, V (d, width), as the start of the sampled iterations the caller then runs.
     """
     G = _gram(M).double()  # (d, d)
     V = omega.double()
@@ -107,7 +111,7 @@ def _gram_range(
     Qy, R = torch.linalg.qr(_matmul(M, V.to(M.dtype)))  # (n, width), (width, width)
     Ur, S, Wt = torch.linalg.svd(R)
     if S[k - 1] ** 2 < 1000 * torch.finfo(M.dtype).eps * S[0] ** 2:
-        return None
+        return V.to(M.dtype)
     Vt = (Wt.double() @ V.t()).to(M.dtype)  # (width, d)
     return (Qy @ Ur)[:, :k], S[:k], Vt[:k]
 
@@ -290,9 +294,9 @@ class PCA(_Projection):
             n_iter = self.iterated_power
             if n_iter == "auto":  # scikit-learn's rule: more iterations when few components are asked for
                 n_iter = 7 if want < 0.1 * min(n, d) else 4
-            if not isinstance(n_iter, int) or n_iter < 0:
+            if not isinstance(n_iter, numbers.Integral) or isinstance(n_iter, bool) or n_iter < 0:
                 raise ValueError(f"iterated_power={self.iterated_power!r} must be 'auto' or an int >= 0")
-            _, S, Vt = randomized_svd(xc, want, self.n_oversamples, n_iter, self.random_state)
+            _, S, Vt = randomized_svd(xc, want, self.n_oversamples, int(n_iter), self.random_state)
             total = torch.linalg.vector_norm(xc) ** 2 / (n - 1)
         Vt, _ = flip_signs(Vt)
         variance = S**2 / (n - 1)
@@ -326,7 +330,7 @@ def _t(a: Any) -> torch.Tensor:
 
 
 def _total_variance(t: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Sum of the population variances of the columns of t (n, d), dense or sparse, in float64.
+    """Sum of the population variances of the columns of t (n, d), dense or sparse, accumulated in float64.
 
     Dense: the column means by one matrix-vector product, then the centred sum of squares a block of rows
     at a time (no centred copy of t; column-wise reductions over a tall tensor are slow in torch). Sparse:
