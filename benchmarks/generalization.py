@@ -97,29 +97,26 @@ ENCODER_BASE = [
     *("model.dropout=0", "train.weight_decay=0", "train.lr=3e-3"),
 ]
 SMOOTHING = ("label smoothing 0.05", "label smoothing 0.1")
+
+
+def mlp_task(name: str) -> TaskSpec:
+    """digits and breast cancer: the same MLP baseline, budget and ensembles."""
+    return TaskSpec(
+        name=name,
+        preset="mlp",
+        base=MLP_BASE,
+        steps=600,
+        quick_steps=300,
+        eval_every=20,
+        ensembles=5,
+        max_norm=1.0,
+        recipes=("seeds", "bagged", "varied"),
+    )
+
+
 CLASSIFIERS: dict[str, TaskSpec] = {
-    "digits": TaskSpec(
-        name="digits",
-        preset="mlp",
-        base=MLP_BASE,
-        steps=600,
-        quick_steps=300,
-        eval_every=20,
-        ensembles=5,
-        max_norm=1.0,
-        recipes=("seeds", "bagged", "varied"),
-    ),
-    "breast-cancer": TaskSpec(
-        name="breast-cancer",
-        preset="mlp",
-        base=MLP_BASE,
-        steps=600,
-        quick_steps=300,
-        eval_every=20,
-        ensembles=5,
-        max_norm=1.0,
-        recipes=("seeds", "bagged", "varied"),
-    ),
+    "digits": mlp_task("digits"),
+    "breast-cancer": mlp_task("breast-cancer"),
     "genre": TaskSpec(
         name="genre",
         preset="encoder",

@@ -56,7 +56,7 @@ def test_quantize_rows_error_bound() -> None:
     assert 0 < int8_error(w) < 0.01
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 21])  # numba: one-row and few-row kernels, then dequantized BLAS
+@pytest.mark.parametrize("rows", [1, 5, 16, 21])  # numba: 4-row blocks, single rows; then BLAS
 def test_int8_linear_weight_only_kernels_match_dequantized_linear(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("numba", "int8pack"):
         if name == "numba" and not int8_kernels.available():

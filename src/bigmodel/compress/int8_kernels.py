@@ -22,14 +22,14 @@ MAX_ROWS = 16  # more rows than a decoding step has (prefill, evaluation) go to 
 
 
 @cache
-def _compiled() -> tuple[Any, Any] | None:
+def _compiled() -> Any | None:
     try:
         return _build()
     except Exception:  # numba missing or unusable (e.g. no writable cache folder): the caller falls back
         return None
 
 
-def _build() -> tuple[Any, Any]:
+def _build() -> Any:
     import numba
     import numpy as np
 
@@ -38,16 +38,7 @@ def _build() -> tuple[Any, Any]:
     jit = numba.njit(parallel=True, fastmath=True, cache=True, boundscheck=False, nogil=True)
 
     @jit
-    def one_row(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:  # x (1, K), w (N, K) -> out (1, N)
-        N, K = w.shape
-        for n in numba.prange(N):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc += x[0, k] * np.float32(w[n, k])
-            out[0, n] = acc * scales[n] + bias[n]
-
-    @jit
-    def few_rows(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:  # x (M, K), w (N, K) -> out (M, N)
+    def rows_kernel(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:  # x (M, K), w (N, K) -> out (M, N)
         M, K = x.shape
         N = w.shape[0]
         for n in numba.prange(N):
@@ -64,14 +55,14 @@ def _build() -> tuple[Any, Any]:
                 out[m, n], out[m + 1, n] = a0 * sn + bn, a1 * sn + bn
                 out[m + 2, n], out[m + 3, n] = a2 * sn + bn, a3 * sn + bn
                 m += 4
-            while m < M:
+            while m < M:  # the rest, one row at a time (a decoding step of batch 1 is only this)
                 acc = np.float32(0.0)
                 for k in range(K):
                     acc += x[m, k] * np.float32(w[n, k])
                 out[m, n] = acc * sn + bn
                 m += 1
 
-    return one_row, few_rows
+    return rows_kernel
 
 
 def available() -> bool:
@@ -99,12 +90,11 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     CPU tensors only; uses as many threads as torch does. Concurrent calls from several threads are safe
     with numba's OpenMP or TBB threading layer, not with its fallback `workqueue` layer.
     """
-    kernels = _compiled()
-    if kernels is None:
+    kernel = _compiled()
+    if kernel is None:
         raise RuntimeError("the numba int8 kernels are not available (is numba installed?)")
     _match_torch_threads()
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    kernel = kernels[0] if x.shape[0] == 1 else kernels[1]
     kernel(x.numpy(), weight.numpy(), scales.float().numpy(), bias.float().numpy(), out.numpy())
     return out

@@ -283,6 +283,16 @@ def _coef(c: Any, like: torch.Tensor | None) -> torch.Tensor | None:
     return t
 
 
+def _template(first: Any) -> tuple[torch.Tensor, bool]:
+    """For an inverse transform: the tensor whose device and dtype the other coefficients take, and whether
+    to answer with numpy. `first` is the first coefficient that is not None (None if there is none)."""
+    if first is None:
+        raise ValueError("all coefficients are None: nothing to reconstruct")
+    like = _coef(first, None)
+    assert like is not None
+    return like, not isinstance(first, torch.Tensor)
+
+
 # ----------------------------------------------------------------------------------------- 1-D transforms
 
 
@@ -362,12 +372,7 @@ def waverec(coeffs: Sequence[Any], wavelet: str | Wavelet = "db4", mode: str = "
     w, mode = filter_bank(wavelet), _check_mode(mode)
     if len(coeffs) == 0:
         raise ValueError("coeffs is empty: pass the list wavedec returned")
-    first = next((c for c in coeffs if c is not None), None)
-    if first is None:
-        raise ValueError("all coefficients are None: nothing to reconstruct")
-    as_numpy = not isinstance(first, torch.Tensor)
-    like = _coef(first, None)
-    assert like is not None
+    like, as_numpy = _template(next((c for c in coeffs if c is not None), None))
     lead: tuple[int, ...] = ()
     rows: list[torch.Tensor | None] = []
     for c in coeffs:
@@ -449,12 +454,7 @@ def idwt2(
     cA, details = coeffs
     if len(details) != 3:
         raise ValueError("coeffs must be (cA, (cH, cV, cD))")
-    first = next((c for c in (cA, *details) if c is not None), None)
-    if first is None:
-        raise ValueError("all coefficients are None: nothing to reconstruct")
-    like = _coef(first, None)
-    assert like is not None
-    as_numpy = not isinstance(first, torch.Tensor)
+    like, as_numpy = _template(next((c for c in (cA, *details) if c is not None), None))
     a = _coef(cA, like)
     ds = [_coef(c, like) for c in details]
     return same_kind(_idwt2(a, ds, w, mode, _axes(like, axes)), as_numpy)
@@ -487,12 +487,7 @@ def waverec2(
     w, mode = filter_bank(wavelet), _check_mode(mode)
     if len(coeffs) == 0:
         raise ValueError("coeffs is empty: pass the list wavedec2 returned")
-    first = next((c for level in coeffs[1:] for c in level if c is not None), coeffs[0])
-    if first is None:
-        raise ValueError("all coefficients are None: nothing to reconstruct")
-    like = _coef(first, None)
-    assert like is not None
-    as_numpy = not isinstance(first, torch.Tensor)
+    like, as_numpy = _template(next((c for level in coeffs[1:] for c in level if c is not None), coeffs[0]))
     ax = _axes(like, axes)
     a = _coef(coeffs[0], like)
     for details in coeffs[1:]:
