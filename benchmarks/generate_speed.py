@@ -2,7 +2,9 @@
 
 A GPT-2-124M-shaped model with random weights (seeded); the same weights are loaded into transformers'
 GPT2LMHeadModel. Greedy decoding of 128 new tokens after a 32-token prompt, at batch 1 and batch 8:
-transformers (fp32), bigmodel fp32, bf16 and int8 (each CPU int8 kernel installed: numba, fbgemm).
+transformers (fp32), bigmodel fp32, bf16 and int8 (each CPU int8 kernel installed: numba, fbgemm). The
+fp32 and numba-int8 rows run the compiled decoding step (models/gpt_numba.py); their "op by op" rows run
+the same model with BIGMODEL_COMPILED_STEP=0, the PyTorch forward of every step.
 Prints tokens/s (new tokens, prefill included, best of --repeats), the ratio to transformers, and the
 fraction of the memory-bandwidth limit (weight bytes read per decoding step against the machine's measured
 read bandwidth).
@@ -98,6 +100,10 @@ def main() -> None:
     os.environ.pop("BIGMODEL_INT8_KERNEL", None)
     if before is not None:
         os.environ["BIGMODEL_INT8_KERNEL"] = before
+    op_by_op = {
+        f"{name} op by op": variants[name] for name in ("bigmodel fp32", "bigmodel int8 numba") if name in variants
+    }
+    variants.update(op_by_op)
     bw = read_bandwidth()
     print(
         f"GPT-2 124M shape, random weights; prompt {PROMPT} tokens, {args.new} new tokens, greedy; "
@@ -118,15 +124,17 @@ def main() -> None:
         same = torch.equal(ours.generate(ids, max_new_tokens=args.new), ref)
         rows = {"transformers fp32": timed(lambda x=ids, kw=hf_kwargs: hf.generate(x, **kw), args.repeats)}
         for name, model in variants.items():
+            os.environ["BIGMODEL_COMPILED_STEP"] = "0" if name in op_by_op else "1"
             rows[name] = timed(lambda m=model, x=ids: m.generate(x, max_new_tokens=args.new), args.repeats)
+        os.environ.pop("BIGMODEL_COMPILED_STEP")
         base = batch * args.new / rows["transformers fp32"]
         print(f"\nbatch {batch} (greedy tokens identical to transformers in fp32: {same})")
-        print(f"{'':20s} {'tokens/s':>9s} {'ratio':>7s} {'of bandwidth limit':>19s}")
+        print(f"{'':30s} {'tokens/s':>9s} {'ratio':>7s} {'of bandwidth limit':>19s}")
         for name, sec in rows.items():
             tps = batch * args.new / sec
             model = hf if name.startswith("transformers") else variants[name]
             limit = bw / weight_bytes(model) * batch  # steps/s the weight reads allow, times rows per step
-            print(f"{name:20s} {tps:9.1f} {tps / base:6.2f}x {tps / limit:18.0%}")
+            print(f"{name:30s} {tps:9.1f} {tps / base:6.2f}x {tps / limit:18.0%}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Reading order:
   process_logits       repetition penalty -> temperature -> top-k -> top-p -> min-p (transformers' order)
   decode               the loop: left-padded batch prefill into a preallocated KV cache, then one token
                        per step for every row; yields each step's tokens and their log-probabilities
+  compiled_decoder     decoding steps as compiled code on CPUs (models/gpt_numba.py), when they apply
   generate             token ids in, token ids out (what `GPT.generate` calls)
   TextStream           incremental detokenisation: UTF-8-safe chunks, stop strings never emitted
   generate_text/stream_text   strings in, strings out (CLI, server)
@@ -13,8 +14,10 @@ Reading order:
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -145,6 +148,20 @@ def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig) -> Itera
     return _decode_steps(model, rows, new, cfg)
 
 
+def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | None:
+    """The compiled decoding step (models/gpt_numba.py) for this model and cache, or None where it does not
+    apply: another model class, weights not float32 or numba-int8, not on the CPU, more than 16 rows, numba
+    missing, or BIGMODEL_COMPILED_STEP=0. Steps then run the model's forward op by op (same results to
+    float32 rounding)."""
+    if os.environ.get("BIGMODEL_COMPILED_STEP", "1") == "0" or type(model).forward is not GPT.forward:
+        return None
+    try:
+        from bigmodel.models.gpt_numba import CompiledDecoder
+    except Exception:  # numba missing or unusable (e.g. no writable cache folder)
+        return None
+    return CompiledDecoder.build(model, cache, visible)
+
+
 @torch.inference_mode()  # cheaper than no_grad; only lists and fresh tensors leave the engine
 def _decode_steps(model: GPT, rows: list[list[int]], new: int, cfg: GenerationConfig) -> Iterator[Step]:
     device = _device(model)
@@ -168,16 +185,16 @@ def _decode_steps(model: GPT, rows: list[list[int]], new: int, cfg: GenerationCo
     model.eval()
     try:
         cache = model.new_cache(N, L + new)
-        keys = real.clone()  # (N, S): which cached positions are real tokens
         mask = None
         if padded:  # (N, 1, L, L): causal, padding hidden, and every query may see itself (no empty rows)
             causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-            mask = (causal & keys[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
+            mask = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
             mask = mask[:, None]
         logits, _ = model(ids, cache=cache, last_only=True, position_ids=positions if padded else None, attn_mask=mask)
         next_pos = positions[:, -1] + 1  # (N,)
         done = torch.zeros(N, dtype=torch.bool, device=device)
-        for _ in range(new):
+        compiled = compiled_decoder(model, cache, real)  # prompt keys: the real tokens
+        for step in range(new):
             raw = logits[:, -1, :].float()  # (N, V)
             scores = process_logits(raw, seen, cfg)
             if cfg.do_sample:
@@ -189,15 +206,23 @@ def _decode_steps(model: GPT, rows: list[list[int]], new: int, cfg: GenerationCo
             if len(stop):
                 done = done | torch.isin(tok, stop)
             yield Step(tok, logprobs, done.clone())
-            if bool(done.all()):
+            if step == new - 1 or bool(done.all()):
                 return
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)
-            step_mask, pos = None, None
-            if padded:
-                keys = torch.cat([keys, torch.ones(N, 1, dtype=torch.bool, device=device)], dim=1)
-                step_mask, pos = keys[:, None, None, :], next_pos[:, None]  # (N, 1, 1, S), (N, 1)
-            logits, _ = model(tok[:, None], cache=cache, last_only=True, position_ids=pos, attn_mask=step_mask)
+            if compiled is not None:
+                try:
+                    logits = compiled(tok, next_pos)  # (N, 1, V)
+                except Exception as e:  # never seen; a compiled kernel must not break generation
+                    warnings.warn(f"compiled decoding step failed ({e!r}); continuing op by op", stacklevel=2)
+                    compiled = None
+            if compiled is None:
+                step_mask, pos = None, None
+                if padded:  # (N, 1, 1, S), (N, 1): the step's keys are the real tokens and itself
+                    mask = torch.ones(N, cache.pos + 1, dtype=torch.bool, device=device)
+                    mask[:, :L] = real
+                    step_mask, pos = mask[:, None, None, :], next_pos[:, None]
+                logits, _ = model(tok[:, None], cache=cache, last_only=True, position_ids=pos, attn_mask=step_mask)
             next_pos = next_pos + 1
     finally:
         model.train(was_training)

@@ -1,0 +1,308 @@
+"""GPT decoding steps on the CPU as compiled code (numba): one call per layer instead of ~15 torch ops.
+
+A decoding step of a few rows reads every weight once and computes little else, so its speed should be
+the rate at which weights stream from memory. Run op by op in PyTorch, a step also pays for dispatching
+the small ops of every layer (norms, views, the KV-cache writes, attention, GELU, residual adds): at
+batch 1 on 2 cores that costs about as long as streaming int8 weights. Here a layer is one compiled call:
+
+    x (M, C) --LayerNorm--> h --c_attn--> qkv (M, 3C) --attention over the cache--> a (M, C)
+      x += c_proj(a);  x += mlp.c_proj(gelu(mlp.c_fc(LayerNorm(x))))
+
+and the head (final LayerNorm + output projection) another. Weights are read where they are (numpy
+views of the model's tensors, no copies): float32 Linear weights, or Int8Linear's int8 rows and scales.
+
+`matmul_rows` is also the kernel of Int8Linear's decoding path (compress/int8_kernels.py). Everything is
+compiled on first use and cached on disk by numba; importing this module needs a working numba, so the
+callers import it lazily and fall back to PyTorch when it fails.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from numba import prange
+
+MAX_ROWS = 16  # more rows per step are faster op by op (BLAS); as compress/int8_kernels.MAX_ROWS
+
+# The fast-math flags let LLVM reassociate and vectorise the sums and fuse multiply-adds, but not assume
+# that values are finite: NaN inputs come out as NaN (tested), and attention masks with -inf. error_model
+# "numpy": a division by zero gives inf/NaN like numpy instead of a check in every loop.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
+_jit = numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True, error_model="numpy")
+_pjit = numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True, error_model="numpy", parallel=True)
+
+
+@_pjit
+def matmul_rows(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
+    """out (M, N) = x (M, K) @ (w (N, K) * scales (N,)[:, None]).T + bias (N,), float32 accumulation.
+
+    w is int8 (scaled rows) or float32 (scales of one). Parallel over output rows: each thread streams
+    its share of the weight rows once, whatever M is.
+    """
+    M, K = x.shape
+    N = w.shape[0]
+    for n in prange(N):
+        sn, bn = scales[n], bias[n]
+        m = 0
+        while m + 4 <= M:  # four activation rows share each widened weight: four independent sums
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for k in range(K):
+                wk = np.float32(w[n, k])
+                a0 += x[m, k] * wk
+                a1 += x[m + 1, k] * wk
+                a2 += x[m + 2, k] * wk
+                a3 += x[m + 3, k] * wk
+            out[m, n], out[m + 1, n] = a0 * sn + bn, a1 * sn + bn
+            out[m + 2, n], out[m + 3, n] = a2 * sn + bn, a3 * sn + bn
+            m += 4
+        while m < M:  # the rest, one row at a time (a decoding step of batch 1 is only this)
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += x[m, k] * np.float32(w[n, k])
+            out[m, n] = acc * sn + bn
+            m += 1
+
+
+@_jit
+def _layer_norm(x: Any, weight: Any, bias: Any, out: Any) -> None:
+    """out = LayerNorm(x) over the last axis (eps 1e-5, biased variance, as F.layer_norm); x (M, C)."""
+    M, C = x.shape
+    for m in range(M):
+        mean = np.float32(0.0)
+        for c in range(C):
+            mean += x[m, c]
+        mean /= C
+        var = np.float32(0.0)
+        for c in range(C):
+            d = x[m, c] - mean
+            var += d * d
+        inv = np.float32(1.0) / np.sqrt(var / C + np.float32(1e-5))
+        for c in range(C):
+            out[m, c] = (x[m, c] - mean) * inv * weight[c] + bias[c]
+
+
+# tanh(y) ~ y P(y^2) / Q(y^2) on [-7.9, 7.9] (float32 tanh is +-1 beyond), a rational approximation fitted
+# for this file by iteratively reweighted least squares: max error 5e-7 evaluated in float32. Unlike the
+# libm call it vectorises: GELU of 3072 values takes 2 us instead of 20.
+_P = tuple(
+    np.float32(c)
+    for c in (
+        0.999999159399111,
+        0.12708739796411644,
+        0.0026935531729007653,
+        7.1508637719637155e-06,
+        -6.140270181198559e-09,
+    )
+)
+_Q = tuple(np.float32(c) for c in (0.46041764389006673, 0.022836099135175737, 0.00019645743365766808))
+
+
+@_jit
+def _tanh(y: Any) -> Any:
+    y = min(max(y, np.float32(-7.9)), np.float32(7.9))
+    z = y * y
+    p = _P[0] + z * (_P[1] + z * (_P[2] + z * (_P[3] + z * _P[4])))
+    return y * p / (np.float32(1.0) + z * (_Q[0] + z * (_Q[1] + z * _Q[2])))
+
+
+@_jit
+def _gelu_tanh(x: Any) -> None:
+    """GPT-2's GELU (tanh approximation), in place."""
+    M, C = x.shape
+    k = np.float32(math.sqrt(2.0 / math.pi))
+    for m in range(M):
+        for c in range(C):
+            v = x[m, c]
+            x[m, c] = np.float32(0.5) * v * (np.float32(1.0) + _tanh(k * (v + np.float32(0.044715) * v * v * v)))
+
+
+@_pjit
+def _attend(qkv: Any, k_cache: Any, v_cache: Any, pos: int, visible: Any, out: Any) -> None:
+    """Store this step's keys and values at cache position `pos`, then attend each row's query to the
+    visible cached positions 0..pos. qkv (M, 3C); k_cache, v_cache (M, nh, S, hd); visible (M, S) bool."""
+    M, nh, _, hd = k_cache.shape
+    C = nh * hd
+    scale = np.float32(1.0 / math.sqrt(hd))
+    for mh in prange(M * nh):
+        m, h = mh // nh, mh % nh
+        q = qkv[m, h * hd : (h + 1) * hd]  # (hd,)
+        keys, values = k_cache[m, h], v_cache[m, h]  # (S, hd)
+        keys[pos, :] = qkv[m, C + h * hd : C + (h + 1) * hd]
+        values[pos, :] = qkv[m, 2 * C + h * hd : 2 * C + (h + 1) * hd]
+        scores = np.empty(pos + 1, dtype=np.float32)
+        for j in range(pos + 1):
+            s = np.float32(0.0)
+            for d in range(hd):
+                s += q[d] * keys[j, d]
+            scores[j] = s * scale if visible[m, j] else -np.inf
+        top = scores.max()  # finite: position pos is always visible
+        total = np.float32(0.0)
+        for j in range(pos + 1):
+            e = np.exp(scores[j] - top)  # 0 for hidden positions
+            scores[j] = e
+            total += e
+        acc = np.zeros(hd, dtype=np.float32)
+        for j in range(pos + 1):
+            p = scores[j]
+            for d in range(hd):
+                acc[d] += p * values[j, d]
+        inv = np.float32(1.0) / total
+        for d in range(hd):
+            out[m, h * hd + d] = acc[d] * inv
+
+
+@_jit
+def layer_step(
+    x: Any,
+    ln_1: tuple[Any, Any],
+    c_attn: tuple[Any, Any, Any],
+    attn_proj: tuple[Any, Any, Any],
+    ln_2: tuple[Any, Any],
+    c_fc: tuple[Any, Any, Any],
+    mlp_proj: tuple[Any, Any, Any],
+    k_cache: Any,
+    v_cache: Any,
+    pos: int,
+    visible: Any,
+    scratch: tuple[Any, Any, Any, Any],
+) -> None:
+    """One GPT-2 block for M rows at cache position `pos`, updating the residual stream x (M, C) in place.
+    Linear layers are (weight, scales, bias) triples, norms (weight, bias) pairs; scratch is (h (M, C),
+    qkv (M, 3C), a (M, C), f (M, 4C))."""
+    h, qkv, a, f = scratch
+    _layer_norm(x, ln_1[0], ln_1[1], h)
+    matmul_rows(h, c_attn[0], c_attn[1], c_attn[2], qkv)
+    _attend(qkv, k_cache, v_cache, pos, visible, a)
+    matmul_rows(a, attn_proj[0], attn_proj[1], attn_proj[2], h)
+    x += h
+    _layer_norm(x, ln_2[0], ln_2[1], h)
+    matmul_rows(h, c_fc[0], c_fc[1], c_fc[2], f)
+    _gelu_tanh(f)
+    matmul_rows(f, mlp_proj[0], mlp_proj[1], mlp_proj[2], h)
+    x += h
+
+
+@_jit
+def head_step(x: Any, ln_f: tuple[Any, Any], lm_head: tuple[Any, Any, Any], h: Any, logits: Any) -> None:
+    """logits (M, V) = lm_head(LayerNorm(x))."""
+    _layer_norm(x, ln_f[0], ln_f[1], h)
+    matmul_rows(h, lm_head[0], lm_head[1], lm_head[2], logits)
+
+
+# ------------------------------------------------------------------------------------------ from Python
+
+_threads = threading.local()  # numba's thread count is set per calling thread
+
+
+def match_torch_threads() -> None:
+    """Use as many threads as torch does (checked cheaply: decoding calls this every step)."""
+    wanted = torch.get_num_threads()
+    if getattr(_threads, "count", None) != wanted:
+        numba.set_num_threads(min(wanted, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+        _threads.count = wanted
+
+
+def _f32(t: torch.Tensor | None, n: int, fill: float) -> np.ndarray:
+    if t is None:
+        return np.full(n, fill, dtype=np.float32)
+    return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
+
+
+def _linear(module: torch.nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(weight, scales, bias) numpy views of an nn.Linear (float32) or an Int8Linear (int8 + scales)."""
+    bias = getattr(module, "bias", None)
+    q = getattr(module, "weight_int8", None)
+    if isinstance(q, torch.Tensor):
+        if getattr(module, "kernel", "numba") != "numba":  # BIGMODEL_INT8_KERNEL chose another kernel
+            return None
+        n = q.shape[0]
+        return q.numpy(), _f32(module.scales, n, 1.0), _f32(bias, n, 0.0)  # type: ignore[arg-type]
+    w = getattr(module, "weight", None)
+    if not isinstance(module, torch.nn.Linear) or w is None or w.dtype != torch.float32:
+        return None
+    n = w.shape[0]
+    return w.detach().numpy(), np.ones(n, dtype=np.float32), _f32(bias, n, 0.0)
+
+
+def _norm(module: torch.nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
+    w = module.weight
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.float32:
+        return None
+    return w.detach().numpy(), _f32(getattr(module, "bias", None), w.shape[0], 0.0)
+
+
+class CompiledDecoder:
+    """Decoding steps of a GPT (see models/gpt.py) for M <= MAX_ROWS rows, sharing the KV cache the
+    prefill filled. Build it with `CompiledDecoder.build`, which answers None when the model cannot take
+    this path (weights not float32 or numba-int8, not on the CPU, too many rows)."""
+
+    def __init__(
+        self, model: Any, cache: Any, visible: np.ndarray, layers: list[tuple[Any, ...]], head: tuple[Any, ...]
+    ) -> None:
+        C = model.config.n_embd
+        M = visible.shape[0]
+        self.cache = cache
+        self.visible = visible  # (M, S): which cache positions each row attends to
+        self.layers, self.head = layers, head
+        self.wte = model.transformer.wte.weight.detach().numpy()
+        self.wpe = model.transformer.wpe.weight.detach().numpy()
+        self.k = cache.k.numpy()  # (n_layer, M, nh, S, hd) views: the prefill wrote them through torch
+        self.v = cache.v.numpy()
+        self.x = np.empty((M, C), dtype=np.float32)
+        self.scratch = (
+            np.empty((M, C), dtype=np.float32),
+            np.empty((M, 3 * C), dtype=np.float32),
+            np.empty((M, C), dtype=np.float32),
+            np.empty((M, 4 * C), dtype=np.float32),
+        )
+
+    @classmethod
+    def build(cls, model: Any, cache: Any, visible: torch.Tensor) -> CompiledDecoder | None:
+        """visible (M, S) bool: the cache positions already filled that each row may attend to."""
+        t = model.transformer
+        M = visible.shape[0]
+        if M > MAX_ROWS or t.wte.weight.device.type != "cpu" or cache.k.dtype != torch.float32:
+            return None
+        if t.wte.weight.dtype != torch.float32 or t.wpe.weight.dtype != torch.float32:
+            return None
+        layers = []
+        for block in t.h:
+            parts = (
+                _norm(block.ln_1),
+                _linear(block.attn.c_attn),
+                _linear(block.attn.c_proj),
+                _norm(block.ln_2),
+                _linear(block.mlp.c_fc),
+                _linear(block.mlp.c_proj),
+            )
+            if any(p is None for p in parts):
+                return None
+            layers.append(parts)
+        ln_f, lm_head = _norm(t.ln_f), _linear(model.lm_head)
+        if ln_f is None or lm_head is None:
+            return None
+        mask = np.zeros((M, cache.max_len), dtype=np.bool_)
+        mask[:, : visible.shape[1]] = visible.cpu().numpy()
+        return cls(model, cache, mask, layers, (ln_f, lm_head))
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens (M,), positions (M,) (each row's own position id) -> next-token logits (M, 1, V)."""
+        match_torch_threads()
+        pos = self.cache.pos
+        if pos >= self.cache.max_len:
+            raise ValueError(f"KV cache holds {self.cache.max_len} positions; {pos + 1} requested")
+        x = self.x
+        np.add(self.wte[tokens.numpy()], self.wpe[positions.numpy()], out=x)  # (M, C)
+        self.visible[:, pos] = True
+        for i, layer in enumerate(self.layers):
+            layer_step(x, *layer, self.k[i], self.v[i], pos, self.visible, self.scratch)  # type: ignore[call-arg]
+        self.cache.advance(1)
+        ln_f, lm_head = self.head
+        logits = np.empty((x.shape[0], lm_head[0].shape[0]), dtype=np.float32)
+        head_step(x, ln_f, lm_head, self.scratch[0], logits)
+        return torch.from_numpy(logits)[:, None, :]
