@@ -56,7 +56,7 @@ def test_quantize_rows_error_bound() -> None:
     assert 0 < int8_error(w) < 0.01
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 21])  # numba: 4-row blocks, single rows; then BLAS
+@pytest.mark.parametrize("rows", [1, 5, 21, 32, 33])  # numba: 4-row blocks, single rows, up to 32; then BLAS
 def test_int8_linear_weight_only_kernels_match_dequantized_linear(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("numba", "int8pack"):
         if name == "numba" and not int8_kernels.available():
@@ -229,3 +229,13 @@ def test_int8_kernels_propagate_nan(kernel: str) -> None:
         x[0, 5] = float("nan")
         y = lin(x)
         assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()
+
+
+def test_dequantized_linear_in_chunks_equals_the_whole_weight() -> None:
+    """Long inputs dequantize 256 weight rows at a time: several chunks, a partial last one, bias or none."""
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(600, 40, generator=g), torch.randn(600, generator=g), torch.randn(50, 40, generator=g)
+    q, scales = quantize_rows(w)
+    deq = q.float() * scales[:, None]
+    torch.testing.assert_close(quantize._dequantized_linear(x, q, scales, b), F.linear(x, deq, b))
+    torch.testing.assert_close(quantize._dequantized_linear(x, q, scales, None, chunk=7), F.linear(x, deq))

@@ -5,9 +5,11 @@ scale = max|W_row| / 127): a quarter of the fp32 bytes, and bytes read per token
 speed at small batch sizes. The kernel that computes y = x @ W.T + b is chosen once per layer
 (`int8_kernel`; the environment variable BIGMODEL_INT8_KERNEL forces one):
 
-- `numba` (CPU, when numba is installed; the default there): weight-only. Up to 16 rows (decoding steps)
-  run `compress/int8_kernels.py`, which streams the int8 weights and accumulates in float32; more rows
-  (prefill, evaluation) dequantize the weight and use the float32 BLAS. Activations are never rounded.
+- `numba` (CPU, when numba is installed; the default there): weight-only. Up to 32 rows (decoding steps,
+  short prompts) run `compress/int8_kernels.py`, which streams the int8 weights and accumulates in float32;
+  more rows (long prompts, evaluation) dequantize 256 weight rows at a time into one reused buffer and use
+  the float32 BLAS (a whole fp32 copy of the weight per call cost 3-4x more, mostly in page faults).
+  Activations are never rounded.
 - `fbgemm` (x86 CPUs without numba): fbgemm's int8 GEMM, with each token's activations quantized on the
   fly on its own scale (dynamic quantization, 7-bit range to avoid AVX2 saturation), so tokens and batch
   rows never influence each other.
@@ -22,7 +24,6 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.compress import int8_kernels
@@ -92,6 +93,24 @@ def _per_row_dynamic(x: torch.Tensor, packed: object, staging: torch.Tensor, bia
     return torch.addcmul(bias, y, m) if bias is not None else y.mul_(m)
 
 
+def _dequantized_linear(
+    x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, chunk: int = 256
+) -> torch.Tensor:
+    """x (M, K) @ (q (N, K) * scales[:, None]).T + bias through BLAS, dequantizing `chunk` rows of q at a
+    time into one reused buffer; returns (M, N), computed as its transpose (each chunk's rows contiguous)."""
+    N, K = q.shape
+    out_t = x.new_empty(N, x.shape[0])  # (N, M)
+    buf = x.new_empty(min(chunk, N), K)
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        w = torch.mul(q[s:e], scales[s:e, None], out=buf[: e - s])  # (rows, K) float32
+        if bias is None:
+            torch.mm(w, x.t(), out=out_t[s:e])
+        else:
+            torch.addmm(bias[s:e, None], w, x.t(), out=out_t[s:e])
+    return out_t.t()
+
+
 class Int8Linear(nn.Module):
     """A frozen Linear with int8 row-quantized weights, computed by the kernel `int8_kernel` picks.
 
@@ -146,10 +165,10 @@ class Int8Linear(nn.Module):
             y = _per_row_dynamic(xf, self.packed, self._staging_for(xf.size(0)), bias)
         elif xf.size(0) <= int8_kernels.MAX_ROWS:  # decoding: stream the int8 weights
             y = int8_kernels.int8_matmul(xf, self.weight_int8, self.scales, bias if bias is not None else self._zeros)
-        else:  # prefill and evaluation: enough rows that BLAS on the dequantized weight is faster
-            y = F.linear(xf, self.dequantized(), bias)
+        else:  # long prompts and evaluation: enough rows that BLAS on dequantized weights is faster
+            y = _dequantized_linear(xf, self.weight_int8, self.scales, bias)
         y = y if x.dtype == torch.float32 else y.to(x.dtype)  # (M, out)
-        return y.view(*shape[:-1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         """The float weight this layer computes with, (out, in)."""

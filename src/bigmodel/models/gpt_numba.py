@@ -204,6 +204,7 @@ def match_torch_threads() -> None:
     wanted = torch.get_num_threads()
     if getattr(_threads, "count", None) != wanted:
         numba.set_num_threads(min(wanted, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+        torch.set_num_threads(wanted)  # numba's OpenMP pool can share torch's libgomp: starting it resets torch's count
         _threads.count = wanted
 
 
