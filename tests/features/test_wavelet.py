@@ -1,9 +1,11 @@
 """Wavelets against PyWavelets: filters, 1-D and 2-D transforms for every family, mode and level, on
-PyWavelets' own ECG, El Nino and camera data plus random signals; inverses, gradients, layers, errors,
-and the WaveletFeatures estimator (scikit-learn contract, Pipeline, CLI)."""
+PyWavelets' own ECG, El Nino and camera data plus random signals, by both analysis paths (the compiled
+numba kernel and the torch path) and against each other; inverses, gradients, layers, errors, and the
+WaveletFeatures estimator (scikit-learn contract, Pipeline, CLI)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 
 pywt = pytest.importorskip("pywt")
 
-from bigmodel.features import NotFittedError  # noqa: E402
+from bigmodel.features import NotFittedError, wavelet_kernels  # noqa: E402
 from bigmodel.features import wavelet as W  # noqa: E402
 from bigmodel.features.wavelet import (  # noqa: E402
     WaveletDecomposition,
@@ -44,6 +46,31 @@ def close_list(ours: list, ref: list, atol: float) -> None:
             close(a, b, atol)
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the calls that reach the compiled kernel (one entry per call: the number of rows)."""
+    calls: list[int] = []
+    run = wavelet_kernels.wavedec
+
+    def counted(x: np.ndarray, *args: object) -> list[torch.Tensor]:
+        calls.append(x.shape[0])
+        return run(x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(wavelet_kernels, "wavedec", counted)
+    return calls
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, kernel_calls: list[int]) -> Iterator[str]:
+    """Runs a test on each analysis path, and checks afterwards that the path it names was the one taken."""
+    if request.param == "torch":
+        monkeypatch.setattr(W, "_USE_KERNEL", False)
+    else:
+        assert wavelet_kernels.available(), "numba is a dependency: the compiled path must be usable"
+    yield request.param
+    assert bool(kernel_calls) == (request.param == "compiled")
+
+
 @pytest.mark.parametrize("name", W.WAVELETS)
 def test_filter_banks_are_computed_equal_to_pywt(name: str) -> None:
     ours, ref = W.filter_bank(name), pywt.Wavelet(name)
@@ -55,7 +82,7 @@ def test_filter_banks_are_computed_equal_to_pywt(name: str) -> None:
 
 @pytest.mark.parametrize("mode", W.MODES)
 @pytest.mark.parametrize("name", W.WAVELETS)
-def test_1d_transforms_equal_pywt_on_ecg_nino_and_short_signals(name: str, mode: str) -> None:
+def test_1d_transforms_equal_pywt_on_ecg_nino_and_short_signals(name: str, mode: str, path: str) -> None:
     signals = [ECG, NINO, RNG.standard_normal((2, 3, 37))]  # batched, odd length
     for x in signals:
         top = pywt.dwt_max_level(x.shape[-1], name)
@@ -75,7 +102,7 @@ def test_1d_transforms_equal_pywt_on_ecg_nino_and_short_signals(name: str, mode:
 
 @pytest.mark.parametrize("mode", W.MODES)
 @pytest.mark.parametrize("name", ["haar", "db2", "db5", "sym4", "sym7", "coif1", "coif3"])
-def test_2d_transforms_equal_pywt_on_an_image(name: str, mode: str) -> None:
+def test_2d_transforms_equal_pywt_on_an_image(name: str, mode: str, path: str) -> None:
     top = pywt.dwt_max_level(min(IMAGE.shape), name)
     for level in sorted({1, top}):
         ours = W.wavedec2(IMAGE, name, mode, level=level)
@@ -92,6 +119,63 @@ def test_2d_transforms_equal_pywt_on_an_image(name: str, mode: str) -> None:
         pywt.idwt2((ref_a, (None, ref_d[1], None)), name, mode),
         atol=1e-7,
     )
+
+
+@pytest.mark.parametrize("mode", W.MODES)
+@pytest.mark.parametrize("name", W.WAVELETS)
+def test_compiled_path_equals_pywt_and_the_torch_path_in_both_dtypes(
+    name: str, mode: str, kernel_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signals = [(RNG.standard_normal(64), -1), (RNG.standard_normal((2, 75, 3)), 1)]  # 1-D even; odd along axis 1
+    for x64, axis in signals:
+        top = pywt.dwt_max_level(x64.shape[axis], name)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+            x = torch.from_numpy(x64).to(dtype)
+            ref_x = x.double().numpy()  # the same samples, transformed by PyWavelets in float64
+            for level in sorted({1, top} - {0}):
+                n_calls = len(kernel_calls)
+                ours = W.wavedec(x, name, mode, level=level, axis=axis)
+                assert len(kernel_calls) == n_calls + 1 and all(c.dtype == dtype for c in ours)
+                ref = pywt.wavedec(ref_x, name, mode=mode, level=level, axis=axis)
+                scale = max(np.abs(r).max() for r in ref)
+                close_list([c.double() for c in ours], ref, atol=max(tol, 1e-7) * scale)  # pywt's coif5 taps: 5e-9
+                with monkeypatch.context() as m:
+                    m.setattr(W, "_USE_KERNEL", False)
+                    torch_path = W.wavedec(x, name, mode, level=level, axis=axis)
+                assert len(kernel_calls) == n_calls + 1
+                close_list(ours, torch_path, atol=tol * scale)
+            a, d = W.dwt(x, name, mode, axis=axis)
+            ref_a, ref_d = pywt.dwt(ref_x, name, mode=mode, axis=axis)
+            close_list([a.double(), d.double()], [ref_a, ref_d], atol=max(tol, 1e-7) * np.abs(ref_a).max())
+
+
+def test_compiled_path_runs_only_where_no_gradient_is_needed_and_falls_back(
+    kernel_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = torch.from_numpy(RNG.standard_normal((4, 50)))
+    ref = pywt.wavedec(x.numpy(), "db3", mode="zero", level=2)
+    close_list(W.wavedec(x, "db3", "zero", level=2), ref, atol=1e-9)
+    assert kernel_calls == [4]
+    g = x.clone().requires_grad_()
+    coeffs = W.wavedec(g, "db3", "zero", level=2)  # a gradient is needed: the torch path
+    assert kernel_calls == [4] and all(c.requires_grad for c in coeffs)
+    close_list(coeffs, ref, atol=1e-9)
+    with torch.no_grad():  # not needed any more: compiled
+        close_list(W.wavedec(g, "db3", "zero", level=2), ref, atol=1e-9)
+        WaveletDecomposition("db3", level=2, mode="zero")(g)
+    assert kernel_calls == [4, 4, 4]
+    W.wavedec(x.half(), "db3", level=2)  # other dtypes: the torch path
+    assert kernel_calls == [4, 4, 4]
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("numba failed")
+
+    monkeypatch.setattr(wavelet_kernels, "_compiled", lambda: broken)  # a failing kernel: the torch path
+    close_list(W.wavedec(x, "db3", "zero", level=2), ref, atol=1e-9)
+    assert len(kernel_calls) == 4
+    monkeypatch.setattr(wavelet_kernels, "_compiled", lambda: None)  # no numba: not even tried
+    close_list(W.wavedec(x, "db3", "zero", level=2), ref, atol=1e-9)
+    assert len(kernel_calls) == 4
 
 
 def test_tensors_keep_kind_dtype_device_and_axis() -> None:
