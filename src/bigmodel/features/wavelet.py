@@ -23,7 +23,8 @@ level of every row in one call with the row kept in cache (several times faster 
 every filter length). Everything else (GPU, other dtypes, gradients, torch.jit tracing, torch.compile)
 takes the torch path, as does every call when numba is missing or fails. Both paths compute the same
 coefficients (tests/features/test_wavelet.py checks each against PyWavelets and against the other).
-The inverses always take the torch path.
+The inverses (idwt, waverec, idwt2/waverec2) have the same two paths; a missing (None) band sends an
+inverse to the torch path.
 """
 
 from __future__ import annotations
@@ -267,29 +268,54 @@ def _kernel_filters(w: Wavelet, dtype: torch.dtype) -> tuple[np.ndarray, np.ndar
     return np.asarray(w.rec_lo, dtype=np_dtype), np.asarray(w.rec_hi, dtype=np_dtype)
 
 
-def _kernel_wavedec(x: torch.Tensor, w: Wavelet, mode: str, level: int) -> list[torch.Tensor] | None:
-    """wavedec of the rows of x (B, N) by the compiled kernel, or None where the torch path must run.
-
-    The kernel runs for float32/float64 CPU input that needs no gradient (it does not require grad, or
-    autograd is off), outside torch.jit tracing and torch.compile, when numba is usable; any failure of
-    numba falls back to the torch path, which computes the same coefficients.
-    """
-    if not (
+def _kernel_ok(*ts: torch.Tensor) -> bool:
+    """Whether the compiled path may run on these tensors: float32 or float64 (all the same) on the CPU,
+    no gradient needed (none requires grad, or autograd is off), not inside torch.jit tracing or
+    torch.compile, and numba usable."""
+    return (
         _USE_KERNEL
-        and level >= 1
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and not (x.requires_grad and torch.is_grad_enabled())
+        and ts[0].dtype in (torch.float32, torch.float64)
+        and all(t.device.type == "cpu" and t.dtype == ts[0].dtype for t in ts)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and wavelet_kernels.available()
-    ):
+    )
+
+
+def _kernel_wavedec(x: torch.Tensor, w: Wavelet, mode: str, level: int) -> list[torch.Tensor] | None:
+    """wavedec of the rows of x (B, N) by the compiled kernel, or None where the torch path must run (see
+    _kernel_ok; any failure of numba also falls back: the torch path computes the same coefficients)."""
+    if level < 1 or not _kernel_ok(x):
         return None
     shift, levels, edges = _kernel_plan(x.shape[1], w.filter_len, mode, level)
     lo, hi = _kernel_filters(w, x.dtype)
     try:
         return wavelet_kernels.wavedec(x.detach().contiguous().numpy(), lo, hi, shift, levels, edges)
-    except Exception:  # numba failed to compile or run this call: the torch path computes the same
+    except Exception:  # numba failed to compile or run this call
+        return None
+
+
+def _kernel_waverec(coeffs: Sequence[torch.Tensor | None], w: Wavelet, mode: str) -> torch.Tensor | None:
+    """waverec of rows [cA (B, n), cD_L (B, n_L), ..., cD_1] by the compiled kernel, or None where the torch
+    path must run: as for the analysis, and also when a band is None or the lengths do not fit (the
+    torch path then treats the Nones as zeros, or raises its error)."""
+    bands = [c for c in coeffs if c is not None]
+    if len(bands) < 2 or len(bands) < len(coeffs) or not _kernel_ok(*bands):
+        return None
+    periodic, length = mode == "periodization", bands[0].shape[1]
+    for d in bands[1:]:
+        n = d.shape[1]
+        if d.shape[0] != bands[0].shape[0] or length not in (n, n + 1):
+            return None
+        length = 2 * n if periodic else 2 * n - w.filter_len + 2
+        if length < 1:
+            return None
+    lo, hi = _kernel_filters(w, bands[0].dtype)
+    try:
+        rows = [b.detach().contiguous().numpy() for b in bands]
+        return wavelet_kernels.waverec(rows, lo, hi, periodic, length)
+    except Exception:  # numba failed to compile or run this call
         return None
 
 
@@ -387,6 +413,10 @@ def _wavedec_rows(x: torch.Tensor, w: Wavelet, mode: str, level: int) -> list[to
 
 
 def _waverec_rows(coeffs: Sequence[torch.Tensor | None], w: Wavelet, mode: str) -> torch.Tensor:
+    """[cA (B, n), cD_L, ..., cD_1] (None: zeros) -> (B, T): compiled when it can, else in torch."""
+    compiled = _kernel_waverec(coeffs, w, mode)
+    if compiled is not None:
+        return compiled
     a = coeffs[0]
     for d in coeffs[1:]:
         if a is None and d is None:  # zeros in, zeros out: stays None until a band is given
@@ -428,8 +458,7 @@ def idwt(cA: Any, cD: Any, wavelet: str | Wavelet = "db4", mode: str = "symmetri
     assert ref is not None
     ra, lead = _rows(a, axis) if a is not None else (None, ())
     rd, lead = _rows(d, axis) if d is not None else (None, lead)
-    out = _synthesis(ra, rd, w, mode)
-    return same_kind(_unrows(out, lead, axis), as_numpy)
+    return same_kind(_unrows(_waverec_rows([ra, rd], w, mode), lead, axis), as_numpy)
 
 
 def wavedec(
@@ -486,7 +515,7 @@ def _idwt_axis(a: torch.Tensor | None, d: torch.Tensor | None, w: Wavelet, mode:
     assert ref is not None
     ra, lead = _rows(a, axis) if a is not None else (None, ())
     rd, lead = _rows(d, axis) if d is not None else (None, lead)
-    return _unrows(_synthesis(ra, rd, w, mode), lead, axis)
+    return _unrows(_waverec_rows([ra, rd], w, mode), lead, axis)
 
 
 def _dwt2(
