@@ -204,6 +204,22 @@ def test_compiled_path_runs_only_where_no_gradient_is_needed_and_falls_back(
     assert kernel_calls == Counter(wavedec=4, waverec=4)
 
 
+def test_compiled_path_splits_rows_between_threads(kernel_calls: Counter[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wavelet_kernels, "PARALLEL_MIN_SAMPLES", 0)  # split even this small input
+    x = RNG.standard_normal((7, 301)).astype(np.float32)  # 7 rows in 3 uneven shares
+    ref = pywt.wavedec(x.astype(np.float64), "sym5", mode="symmetric", level=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        coeffs = W.wavedec(x, "sym5", "symmetric", level=3)
+        rec = W.waverec(coeffs, "sym5", "symmetric")
+    finally:
+        torch.set_num_threads(threads)
+    assert kernel_calls == Counter(wavedec=1, waverec=1)
+    close_list([c.astype(np.float64) for c in coeffs], ref, atol=1e-5)
+    close(rec.astype(np.float64), pywt.waverec(ref, "sym5", mode="symmetric"), atol=1e-5)
+
+
 def test_tensors_keep_kind_dtype_device_and_axis() -> None:
     x = torch.from_numpy(RNG.standard_normal((4, 300, 3))).float()
     coeffs = W.wavedec(x, "sym4", "periodization", level=3, axis=1)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -205,16 +205,16 @@ def _run_rows(kernel: Any, B: int, samples: int, *args: Any) -> None:
     global _pool
     threads = min(B, torch.get_num_threads()) if samples >= PARALLEL_MIN_SAMPLES else 1
     bounds = [B * i // threads for i in range(threads + 1)]
+    shares = []
     if threads > 1:
-        with _pool_lock:
-            if _pool is None or _pool._max_workers < threads - 1:
-                _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="bigmodel-wavelet")
+        with _pool_lock:  # one pool; it starts threads only as shares need them
+            if _pool is None:
+                _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="bigmodel-wavelet")
             pool = _pool
-        shares = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+        shares = [pool.submit(partial(kernel, *args, bounds[i], bounds[i + 1])) for i in range(1, threads)]
     kernel(*args, bounds[0], bounds[1])
-    if threads > 1:
-        for share in shares:
-            share.result()
+    for share in shares:
+        share.result()
 
 
 def _float_tensor(dtype: np.dtype) -> torch.dtype:
