@@ -10,21 +10,21 @@ the same signal extension modes, output lengths and coefficient order. Modes:
   the shortest representation.
 - "zero": zeros outside the signal; floor((N + F - 1) / 2) coefficients.
 
-How it runs: one level of the transform is, for every block of `Bo` output pairs (approximation and
-detail), a window of 2 Bo + F - 2 input samples times a fixed (window, 2 Bo) band matrix. A level is
-therefore one gather (which also performs the boundary extension, by index) and one matrix multiply over
-all signals of the batch, on the input's device, in the input's dtype, differentiable end to end. The
-next level reads its input straight out of the previous level's blocked output (no copy).
+How the torch path runs: one level of the transform is, for every block of `Bo` output pairs
+(approximation and detail), a window of 2 Bo + F - 2 input samples times a fixed (window, 2 Bo) band
+matrix. A level is therefore one gather (which also performs the boundary extension, by index) and one
+matrix multiply over all signals of the batch, on the input's device, in the input's dtype,
+differentiable end to end. The next level reads its input straight out of the previous level's blocked
+output (no copy).
 
-The analysis (dwt, wavedec, and dwt2/wavedec2 axis by axis) has a second, compiled path for the common
-case: float32 or float64 CPU input that needs no gradient (it does not require grad, or autograd is off,
-e.g. numpy input or WaveletFeatures.transform) goes to wavelet_kernels.py, a numba kernel that runs every
-level of every row in one call with the row kept in cache (several times faster than PyWavelets for
-every filter length). Everything else (GPU, other dtypes, gradients, torch.jit tracing, torch.compile)
-takes the torch path, as does every call when numba is missing or fails. Both paths compute the same
-coefficients (tests/features/test_wavelet.py checks each against PyWavelets and against the other).
-The inverses (idwt, waverec, idwt2/waverec2) have the same two paths; a missing (None) band sends an
-inverse to the torch path.
+Every transform also has a compiled path for the common case: float32 or float64 CPU input that needs no
+gradient (none requires grad, or autograd is off: numpy input, torch.no_grad(), WaveletFeatures.transform)
+goes to wavelet_kernels.py, numba kernels that run all levels of every row in one call while the row stays
+in cache (several times faster than PyWavelets for every filter length). Everything else takes the torch
+path: GPU tensors, other dtypes, gradients, torch.jit tracing, torch.compile, an inverse given a None
+band, and every call when numba is missing or fails. `_kernel_ok` is that rule, `_wavedec_rows` and
+`_waverec_rows` (under dwt/wavedec/dwt2/wavedec2 and their inverses) apply it. Both paths compute the same
+coefficients: tests/features/test_wavelet.py checks each against PyWavelets and against the other.
 """
 
 from __future__ import annotations
