@@ -8,7 +8,8 @@ relative difference of the explained variances).
 Wavelets: 1,000 signals of 4,096 samples (PyWavelets' ECG recording, shifted, with noise), full-depth
 `wavedec` in symmetric mode for a short, a medium and two long filters. PyWavelets runs on the float32
 signals and on float64 copies; bigmodel on float32 tensors. The error column is bigmodel's largest
-absolute deviation from PyWavelets in float64, relative to the largest |coefficient|.
+absolute deviation from PyWavelets in float64, relative to the largest |coefficient|. Then `waverec` of
+those coefficients, both libraries in float32 (the error: against PyWavelets' float64 round trip).
 
     python benchmarks/features.py [--rows 50000] [--repeats 3] [--only pca|wavelet] [--threads N]
 """
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from sklearn import decomposition as skd
 
-from bigmodel.features import PCA, TruncatedSVD, wavedec
+from bigmodel.features import PCA, TruncatedSVD, wavedec, waverec
 
 
 def best(fn, repeats: int) -> tuple[float, object]:
@@ -93,6 +94,15 @@ def wavelets(repeats: int) -> None:
             f"{name:8s} {1e3 * t_p32:12.1f} {1e3 * t_p64:12.1f} {1e3 * t_ours:16.1f} "
             f"{t_p32 / t_ours:11.2f}x {t_p64 / t_ours:11.2f}x {err:15.1e}"
         )
+    print("\nwaverec of those coefficients (each library its own float32 ones)")
+    print(f"{'':8s} {'pywt f32 ms':>12s} {'bigmodel f32 ms':>16s} {'vs pywt f32':>12s} {'max rel. error':>15s}")
+    for name in ("haar", "db4", "sym8", "coif5"):
+        ref_c, ours_c = pywt.wavedec(x32, name, mode="symmetric"), wavedec(t32, name, "symmetric")
+        t_p32, _ = best(lambda n=name, c=ref_c: pywt.waverec(c, n, mode="symmetric"), repeats)
+        t_ours, ours = best(lambda n=name, c=ours_c: waverec(c, n, "symmetric"), repeats)
+        ref = pywt.waverec(pywt.wavedec(x64, name, mode="symmetric"), name, mode="symmetric")
+        err = np.abs(ours.double().numpy() - ref).max() / np.abs(ref).max()
+        print(f"{name:8s} {1e3 * t_p32:12.1f} {1e3 * t_ours:16.1f} {t_p32 / t_ours:11.2f}x {err:15.1e}")
 
 
 def main() -> None:

@@ -1,10 +1,14 @@
 """Wavelets against PyWavelets: filters, 1-D and 2-D transforms for every family, mode and level, on
-PyWavelets' own ECG, El Nino and camera data plus random signals; inverses, gradients, layers, errors,
-and the WaveletFeatures estimator (scikit-learn contract, Pipeline, CLI)."""
+PyWavelets' own ECG, El Nino and camera data plus random signals, by both analysis paths (the compiled
+numba kernel and the torch path) and against each other; inverses, gradients, layers, errors, and the
+WaveletFeatures estimator (scikit-learn contract, Pipeline, CLI)."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ import torch
 
 pywt = pytest.importorskip("pywt")
 
-from bigmodel.features import NotFittedError  # noqa: E402
+from bigmodel.features import NotFittedError, wavelet_kernels  # noqa: E402
 from bigmodel.features import wavelet as W  # noqa: E402
 from bigmodel.features.wavelet import (  # noqa: E402
     WaveletDecomposition,
@@ -44,6 +48,33 @@ def close_list(ours: list, ref: list, atol: float) -> None:
             close(a, b, atol)
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts the calls that reach the compiled kernels: "wavedec" (analysis) and "waverec" (synthesis)."""
+    calls: Counter[str] = Counter()
+    for name in ("wavedec", "waverec"):
+        run = getattr(wavelet_kernels, name)
+
+        def counted(*args: Any, _run: Any = run, _name: str = name) -> Any:
+            calls[_name] += 1
+            return _run(*args)
+
+        monkeypatch.setattr(wavelet_kernels, name, counted)
+    return calls
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, kernel_calls: Counter[str]) -> Iterator[str]:
+    """Runs a test on each path, then checks that the analyses and syntheses took the path it names."""
+    if request.param == "torch":
+        monkeypatch.setattr(W, "_USE_KERNEL", False)
+    else:
+        assert wavelet_kernels.available(), "numba is a dependency: the compiled path must be usable"
+    yield request.param
+    compiled = request.param == "compiled"
+    assert (kernel_calls["wavedec"] > 0, kernel_calls["waverec"] > 0) == (compiled, compiled)
+
+
 @pytest.mark.parametrize("name", W.WAVELETS)
 def test_filter_banks_are_computed_equal_to_pywt(name: str) -> None:
     ours, ref = W.filter_bank(name), pywt.Wavelet(name)
@@ -55,7 +86,7 @@ def test_filter_banks_are_computed_equal_to_pywt(name: str) -> None:
 
 @pytest.mark.parametrize("mode", W.MODES)
 @pytest.mark.parametrize("name", W.WAVELETS)
-def test_1d_transforms_equal_pywt_on_ecg_nino_and_short_signals(name: str, mode: str) -> None:
+def test_1d_transforms_equal_pywt_on_ecg_nino_and_short_signals(name: str, mode: str, path: str) -> None:
     signals = [ECG, NINO, RNG.standard_normal((2, 3, 37))]  # batched, odd length
     for x in signals:
         top = pywt.dwt_max_level(x.shape[-1], name)
@@ -75,7 +106,7 @@ def test_1d_transforms_equal_pywt_on_ecg_nino_and_short_signals(name: str, mode:
 
 @pytest.mark.parametrize("mode", W.MODES)
 @pytest.mark.parametrize("name", ["haar", "db2", "db5", "sym4", "sym7", "coif1", "coif3"])
-def test_2d_transforms_equal_pywt_on_an_image(name: str, mode: str) -> None:
+def test_2d_transforms_equal_pywt_on_an_image(name: str, mode: str, path: str) -> None:
     top = pywt.dwt_max_level(min(IMAGE.shape), name)
     for level in sorted({1, top}):
         ours = W.wavedec2(IMAGE, name, mode, level=level)
@@ -92,6 +123,101 @@ def test_2d_transforms_equal_pywt_on_an_image(name: str, mode: str) -> None:
         pywt.idwt2((ref_a, (None, ref_d[1], None)), name, mode),
         atol=1e-7,
     )
+
+
+@pytest.mark.parametrize("mode", W.MODES)
+@pytest.mark.parametrize("name", W.WAVELETS)
+def test_compiled_path_equals_pywt_and_the_torch_path_in_both_dtypes(
+    name: str, mode: str, kernel_calls: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def torch_path(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        with monkeypatch.context() as m:
+            m.setattr(W, "_USE_KERNEL", False)
+            return fn(*args, **kwargs)
+
+    signals = [(RNG.standard_normal(64), -1), (RNG.standard_normal((2, 75, 3)), 1)]  # 1-D even; odd along axis 1
+    for x64, axis in signals:
+        top = pywt.dwt_max_level(x64.shape[axis], name)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+            x = torch.from_numpy(x64).to(dtype)
+            ref_x = x.double().numpy()  # the same samples, transformed by PyWavelets in float64
+            ref_tol = max(tol, 1e-7)  # float64: PyWavelets' own coif5 taps are rounded to 5e-9
+            for level in sorted({1, top} - {0}):
+                before = kernel_calls.copy()
+                ours = W.wavedec(x, name, mode, level=level, axis=axis)
+                rec = W.waverec(ours, name, mode, axis=axis)
+                assert kernel_calls - before == Counter(wavedec=1, waverec=1)
+                assert all(c.dtype == dtype for c in [*ours, rec])
+                ref = pywt.wavedec(ref_x, name, mode=mode, level=level, axis=axis)
+                scale = max(np.abs(r).max() for r in ref)
+                close_list([c.double() for c in ours], ref, atol=ref_tol * scale)
+                close(rec.double(), pywt.waverec(ref, name, mode=mode, axis=axis), atol=ref_tol * scale)
+                close_list(ours, torch_path(W.wavedec, x, name, mode, level=level, axis=axis), atol=tol * scale)
+                close(rec, torch_path(W.waverec, ours, name, mode, axis=axis), atol=tol * scale)
+                assert kernel_calls - before == Counter(wavedec=1, waverec=1)
+            a, d = W.dwt(x, name, mode, axis=axis)
+            ref_a, ref_d = pywt.dwt(ref_x, name, mode=mode, axis=axis)
+            close_list([a.double(), d.double()], [ref_a, ref_d], atol=ref_tol * np.abs(ref_a).max())
+            close(
+                W.idwt(a, d, name, mode, axis=axis).double(),
+                pywt.idwt(ref_a, ref_d, name, mode, axis=axis),
+                atol=ref_tol * np.abs(ref_x).max(),
+            )
+
+
+def test_compiled_path_runs_only_where_no_gradient_is_needed_and_falls_back(
+    kernel_calls: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = torch.from_numpy(RNG.standard_normal((4, 50)))
+    ref = pywt.wavedec(x.numpy(), "db3", mode="zero", level=2)
+    ref_rec = pywt.waverec(ref, "db3", mode="zero")
+    coeffs = W.wavedec(x, "db3", "zero", level=2)
+    close_list(coeffs, ref, atol=1e-9)
+    close(W.waverec(coeffs, "db3", "zero"), ref_rec, atol=1e-9)
+    assert kernel_calls == Counter(wavedec=1, waverec=1)
+    g = x.clone().requires_grad_()
+    g_coeffs = W.wavedec(g, "db3", "zero", level=2)  # a gradient is needed: the torch path
+    assert all(c.requires_grad for c in g_coeffs) and W.waverec(g_coeffs, "db3", "zero").requires_grad
+    close_list(g_coeffs, ref, atol=1e-9)
+    assert kernel_calls == Counter(wavedec=1, waverec=1)
+    with torch.no_grad():  # not needed any more: compiled
+        close_list(W.wavedec(g, "db3", "zero", level=2), ref, atol=1e-9)
+        close(W.waverec(g_coeffs, "db3", "zero"), ref_rec, atol=1e-9)
+        WaveletReconstruction("db3", mode="zero")(WaveletDecomposition("db3", level=2, mode="zero")(g))
+    assert kernel_calls == Counter(wavedec=3, waverec=3)
+    W.wavedec(x.half(), "db3", level=2)  # other dtypes: the torch path
+    W.waverec([coeffs[0], None, coeffs[2]], "db3", "zero")  # a missing band: the torch path (zeros)
+    with pytest.raises(ValueError, match="coefficient lengths do not match"):  # the torch path's error
+        W.waverec([coeffs[0][:, :-2], *coeffs[1:]], "db3", "zero")
+    assert kernel_calls == Counter(wavedec=3, waverec=3)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("numba failed")
+
+    monkeypatch.setattr(wavelet_kernels, "_compiled", lambda: (broken, broken))  # failing kernels: torch path
+    close_list(W.wavedec(x, "db3", "zero", level=2), ref, atol=1e-9)
+    close(W.waverec(coeffs, "db3", "zero"), ref_rec, atol=1e-9)
+    assert kernel_calls == Counter(wavedec=4, waverec=4)
+    monkeypatch.setattr(wavelet_kernels, "_compiled", lambda: None)  # no numba: not even tried
+    close_list(W.wavedec(x, "db3", "zero", level=2), ref, atol=1e-9)
+    close(W.waverec(coeffs, "db3", "zero"), ref_rec, atol=1e-9)
+    assert kernel_calls == Counter(wavedec=4, waverec=4)
+
+
+def test_compiled_path_splits_rows_between_threads(kernel_calls: Counter[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wavelet_kernels, "PARALLEL_MIN_SAMPLES", 0)  # split even this small input
+    x = RNG.standard_normal((7, 301)).astype(np.float32)  # 7 rows in 3 uneven shares
+    ref = pywt.wavedec(x.astype(np.float64), "sym5", mode="symmetric", level=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        coeffs = W.wavedec(x, "sym5", "symmetric", level=3)
+        rec = W.waverec(coeffs, "sym5", "symmetric")
+    finally:
+        torch.set_num_threads(threads)
+    assert kernel_calls == Counter(wavedec=1, waverec=1)
+    close_list([c.astype(np.float64) for c in coeffs], ref, atol=1e-5)
+    close(rec.astype(np.float64), pywt.waverec(ref, "sym5", mode="symmetric"), atol=1e-5)
 
 
 def test_tensors_keep_kind_dtype_device_and_axis() -> None:

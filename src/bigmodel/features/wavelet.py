@@ -10,11 +10,21 @@ the same signal extension modes, output lengths and coefficient order. Modes:
   the shortest representation.
 - "zero": zeros outside the signal; floor((N + F - 1) / 2) coefficients.
 
-How it runs: one level of the transform is, for every block of `Bo` output pairs (approximation and
-detail), a window of 2 Bo + F - 2 input samples times a fixed (window, 2 Bo) band matrix. A level is
-therefore one gather (which also performs the boundary extension, by index) and one matrix multiply over
-all signals of the batch, on the input's device, in the input's dtype, differentiable end to end. The
-next level reads its input straight out of the previous level's blocked output (no copy).
+How the torch path runs: one level of the transform is, for every block of `Bo` output pairs
+(approximation and detail), a window of 2 Bo + F - 2 input samples times a fixed (window, 2 Bo) band
+matrix. A level is therefore one gather (which also performs the boundary extension, by index) and one
+matrix multiply over all signals of the batch, on the input's device, in the input's dtype,
+differentiable end to end. The next level reads its input straight out of the previous level's blocked
+output (no copy).
+
+Every transform also has a compiled path for the common case: float32 or float64 CPU input that needs no
+gradient (none requires grad, or autograd is off: numpy input, torch.no_grad(), WaveletFeatures.transform)
+goes to wavelet_kernels.py, numba kernels that run all levels of every row in one call while the row stays
+in cache (several times faster than PyWavelets for every filter length). Everything else takes the torch
+path: GPU tensors, other dtypes, gradients, torch.jit tracing, torch.compile, an inverse given a None
+band, and every call when numba is missing or fails. `_kernel_ok` is that rule, `_wavedec_rows` and
+`_waverec_rows` (under dwt/wavedec/dwt2/wavedec2 and their inverses) apply it. Both paths compute the same
+coefficients: tests/features/test_wavelet.py checks each against PyWavelets and against the other.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigmodel.features import wavelet_kernels
 from bigmodel.features.base import Estimator, same_kind, to_tensor
 from bigmodel.features.wavelet_filters import FAMILIES_TEXT, WAVELETS, Wavelet, filter_bank
 
@@ -89,6 +100,21 @@ def _block(filter_len: int) -> int:
 # ------------------------------------------------------------------------------- gather plans, matrices
 
 
+def _shift(F_len: int, mode: str) -> int:
+    """s such that analysis output o is sum_j w[j] x_ext[2 o + j + s]."""
+    return -(F_len // 2 - 1) if mode == "periodization" else -(F_len - 2)
+
+
+def _extension_source(pos: np.ndarray, N: int, mode: str) -> np.ndarray:
+    """The sample of an N-sample signal that each extended position reads (-1: a zero, in "zero" mode)."""
+    if mode == "symmetric":
+        p = pos % (2 * N)
+        return np.where(p >= N, 2 * N - 1 - p, p)
+    if mode == "periodization":  # an odd signal is first extended by repeating its last sample
+        return np.minimum(pos % (N + N % 2), N - 1)
+    return np.where((pos >= 0) & (pos < N), pos, -1)
+
+
 @lru_cache(maxsize=1024)
 def _analysis_index(N: int, F_len: int, mode: str, bo: int, block_in: int | None, device: torch.device) -> torch.Tensor:
     """Source columns of every (block, window position) of one analysis level, boundary extension included.
@@ -100,15 +126,8 @@ def _analysis_index(N: int, F_len: int, mode: str, bo: int, block_in: int | None
     """
     n = dwt_coeff_len(N, F_len, mode)
     nb, W = -(-n // bo), 2 * bo + F_len - 2
-    s = -(F_len // 2 - 1) if mode == "periodization" else -(F_len - 2)
-    pos = np.arange(nb)[:, None] * (2 * bo) + np.arange(W)[None, :] + s  # (nb, W) extended positions
-    if mode == "symmetric":
-        p = pos % (2 * N)
-        p = np.where(p >= N, 2 * N - 1 - p, p)
-    elif mode == "periodization":  # an odd signal is first extended by repeating its last sample
-        p = np.minimum(pos % (N + N % 2), N - 1)
-    else:
-        p = np.where((pos >= 0) & (pos < N), pos, -1)
+    pos = np.arange(nb)[:, None] * (2 * bo) + np.arange(W)[None, :] + _shift(F_len, mode)  # (nb, W)
+    p = _extension_source(pos, N, mode)
     if block_in is None:
         col, zero_col = p, N
     else:
@@ -218,6 +237,88 @@ def _synthesis(a: torch.Tensor | None, d: torch.Tensor | None, w: Wavelet, mode:
     return (windows @ M).view(B, -1)[:, :out_len]
 
 
+# ------------------------------------------------------------------------ the compiled CPU path (numba)
+
+_USE_KERNEL = True  # False: always the torch path (the tests compare the two)
+
+
+@lru_cache(maxsize=256)
+def _kernel_plan(N: int, F_len: int, mode: str, level: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """What wavelet_kernels.wavedec needs besides the signal and the filters: the shift s, a row per level
+    [N, n, edge_at] and the boundary sources `edges`.
+
+    A level reads its extended signal xe[i] = x_ext[i + s], i < 2n + F - 2: the N samples themselves at
+    -s <= i < N - s, and at the other i (left end, then right end) the sample edges[edge_at + ...] says,
+    by the same rule as the torch path (-1: a zero).
+    """
+    s = _shift(F_len, mode)
+    rows, edges, at = [], [], 0
+    for _ in range(level):
+        n = dwt_coeff_len(N, F_len, mode)
+        i = np.r_[np.arange(-s), np.arange(N - s, 2 * n + F_len - 2)]
+        edges.append(_extension_source(i + s, N, mode))
+        rows.append([N, n, at])
+        at, N = at + len(i), n
+    return s, np.array(rows, dtype=np.int64), np.concatenate(edges).astype(np.int64)
+
+
+@lru_cache(maxsize=256)
+def _kernel_filters(w: Wavelet, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    return np.asarray(w.rec_lo, dtype=np_dtype), np.asarray(w.rec_hi, dtype=np_dtype)
+
+
+def _kernel_ok(*ts: torch.Tensor) -> bool:
+    """Whether the compiled path may run on these tensors: float32 or float64 (all the same) on the CPU,
+    no gradient needed (none requires grad, or autograd is off), not inside torch.jit tracing or
+    torch.compile, and numba usable."""
+    return (
+        _USE_KERNEL
+        and ts[0].dtype in (torch.float32, torch.float64)
+        and all(t.device.type == "cpu" and t.dtype == ts[0].dtype for t in ts)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and wavelet_kernels.available()
+    )
+
+
+def _kernel_wavedec(x: torch.Tensor, w: Wavelet, mode: str, level: int) -> list[torch.Tensor] | None:
+    """wavedec of the rows of x (B, N) by the compiled kernel, or None where the torch path must run (see
+    _kernel_ok; any failure of numba also falls back: the torch path computes the same coefficients)."""
+    if level < 1 or not _kernel_ok(x):
+        return None
+    shift, levels, edges = _kernel_plan(x.shape[1], w.filter_len, mode, level)
+    lo, hi = _kernel_filters(w, x.dtype)
+    try:
+        return wavelet_kernels.wavedec(x.detach().contiguous().numpy(), lo, hi, shift, levels, edges)
+    except Exception:  # numba failed to compile or run this call
+        return None
+
+
+def _kernel_waverec(coeffs: Sequence[torch.Tensor | None], w: Wavelet, mode: str) -> torch.Tensor | None:
+    """waverec of rows [cA (B, n), cD_L (B, n_L), ..., cD_1] by the compiled kernel, or None where the torch
+    path must run: as for the analysis, and also when a band is None or the lengths do not fit (the
+    torch path then treats the Nones as zeros, or raises its error)."""
+    bands = [c for c in coeffs if c is not None]
+    if len(bands) < 2 or len(bands) < len(coeffs) or not _kernel_ok(*bands):
+        return None
+    periodic, length = mode == "periodization", bands[0].shape[1]
+    for d in bands[1:]:
+        n = d.shape[1]
+        if d.shape[0] != bands[0].shape[0] or length not in (n, n + 1):
+            return None
+        length = 2 * n if periodic else 2 * n - w.filter_len + 2
+        if length < 1:
+            return None
+    lo, hi = _kernel_filters(w, bands[0].dtype)
+    try:
+        rows = [b.detach().contiguous().numpy() for b in bands]
+        return wavelet_kernels.waverec(rows, lo, hi, periodic, length)
+    except Exception:  # numba failed to compile or run this call
+        return None
+
+
 # ------------------------------------------------------------------------------ inputs and axis handling
 
 
@@ -297,7 +398,10 @@ def _template(first: Any) -> tuple[torch.Tensor, bool]:
 
 
 def _wavedec_rows(x: torch.Tensor, w: Wavelet, mode: str, level: int) -> list[torch.Tensor]:
-    """(B, N) -> [cA_level, cD_level, ..., cD_1], each (B, n_j)."""
+    """(B, N) -> [cA_level, cD_level, ..., cD_1], each (B, n_j): compiled when it can, else in torch."""
+    compiled = _kernel_wavedec(x, w, mode, level)
+    if compiled is not None:
+        return compiled
     details, src, N = [], x, x.shape[1]
     cur: torch.Tensor | _Blocked = src
     for _ in range(level):
@@ -309,6 +413,10 @@ def _wavedec_rows(x: torch.Tensor, w: Wavelet, mode: str, level: int) -> list[to
 
 
 def _waverec_rows(coeffs: Sequence[torch.Tensor | None], w: Wavelet, mode: str) -> torch.Tensor:
+    """[cA (B, n), cD_L, ..., cD_1] (None: zeros) -> (B, T): compiled when it can, else in torch."""
+    compiled = _kernel_waverec(coeffs, w, mode)
+    if compiled is not None:
+        return compiled
     a = coeffs[0]
     for d in coeffs[1:]:
         if a is None and d is None:  # zeros in, zeros out: stays None until a band is given
@@ -332,10 +440,8 @@ def dwt(x: Any, wavelet: str | Wavelet = "db4", mode: str = "symmetric", axis: i
     w, mode = filter_bank(wavelet), _check_mode(mode)
     t, as_numpy = _signal(x)
     rows, lead = _rows(t, axis)
-    out = _analysis(rows, rows.shape[1], w, mode)
-    return same_kind(_unrows(out.approx(), lead, axis), as_numpy), same_kind(
-        _unrows(out.detail(), lead, axis), as_numpy
-    )
+    a, d = _wavedec_rows(rows, w, mode, 1)
+    return same_kind(_unrows(a, lead, axis), as_numpy), same_kind(_unrows(d, lead, axis), as_numpy)
 
 
 def idwt(cA: Any, cD: Any, wavelet: str | Wavelet = "db4", mode: str = "symmetric", axis: int = -1) -> Any:
@@ -352,8 +458,7 @@ def idwt(cA: Any, cD: Any, wavelet: str | Wavelet = "db4", mode: str = "symmetri
     assert ref is not None
     ra, lead = _rows(a, axis) if a is not None else (None, ())
     rd, lead = _rows(d, axis) if d is not None else (None, lead)
-    out = _synthesis(ra, rd, w, mode)
-    return same_kind(_unrows(out, lead, axis), as_numpy)
+    return same_kind(_unrows(_waverec_rows([ra, rd], w, mode), lead, axis), as_numpy)
 
 
 def wavedec(
@@ -401,8 +506,8 @@ def _axes(t: torch.Tensor, axes: tuple[int, int]) -> tuple[int, int]:
 
 def _dwt_axis(t: torch.Tensor, w: Wavelet, mode: str, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows, lead = _rows(t, axis)
-    out = _analysis(rows, rows.shape[1], w, mode)
-    return _unrows(out.approx(), lead, axis), _unrows(out.detail(), lead, axis)
+    a, d = _wavedec_rows(rows, w, mode, 1)
+    return _unrows(a, lead, axis), _unrows(d, lead, axis)
 
 
 def _idwt_axis(a: torch.Tensor | None, d: torch.Tensor | None, w: Wavelet, mode: str, axis: int) -> torch.Tensor:
@@ -410,7 +515,7 @@ def _idwt_axis(a: torch.Tensor | None, d: torch.Tensor | None, w: Wavelet, mode:
     assert ref is not None
     ra, lead = _rows(a, axis) if a is not None else (None, ())
     rd, lead = _rows(d, axis) if d is not None else (None, lead)
-    return _unrows(_synthesis(ra, rd, w, mode), lead, axis)
+    return _unrows(_waverec_rows([ra, rd], w, mode), lead, axis)
 
 
 def _dwt2(
