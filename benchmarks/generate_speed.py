@@ -154,10 +154,13 @@ def main() -> None:
             ref = hf.generate(ids, **hf_kwargs)
         same = torch.equal(ours.generate(ids, max_new_tokens=args.new), ref)
         rows = {"transformers fp32": timed(lambda x=ids, kw=hf_kwargs: hf.generate(x, **kw), args.repeats)}
+        compiled_before = os.environ.get("BIGMODEL_COMPILED_STEP")
         for name, model in variants.items():
             os.environ["BIGMODEL_COMPILED_STEP"] = "0" if name in op_by_op else "1"
             rows[name] = timed(lambda m=model, x=ids: m.generate(x, max_new_tokens=args.new), args.repeats)
         os.environ.pop("BIGMODEL_COMPILED_STEP")
+        if compiled_before is not None:
+            os.environ["BIGMODEL_COMPILED_STEP"] = compiled_before
         base = batch * args.new / rows["transformers fp32"]
         print(f"\nbatch {batch} (greedy tokens identical to transformers in fp32: {same})")
         print(f"{'':30s} {'tokens/s':>9s} {'ratio':>7s} {'of bandwidth limit':>19s}")

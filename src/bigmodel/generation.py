@@ -150,16 +150,22 @@ def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig) -> Itera
 
 def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | None:
     """The compiled decoding step (models/gpt_numba.py) for this model and cache, or None where it does not
-    apply: another model class, weights not float32 or numba-int8, not on the CPU, more than 16 rows, numba
-    missing, or BIGMODEL_COMPILED_STEP=0. Steps then run the model's forward op by op (same results to
-    float32 rounding)."""
+    apply: another model class, swapped submodules or forward hooks, weights not float32 or numba-int8, not
+    on the CPU, more than 16 rows, numba missing, or BIGMODEL_COMPILED_STEP=0. Steps then run the model's
+    forward op by op (same results to float32 rounding)."""
     if os.environ.get("BIGMODEL_COMPILED_STEP", "1") == "0" or type(model).forward is not GPT.forward:
+        return None
+    if _device(model).type != "cpu":
         return None
     try:
         from bigmodel.models.gpt_numba import CompiledDecoder
     except Exception:  # numba missing or unusable (e.g. no writable cache folder)
         return None
-    return CompiledDecoder.build(model, cache, visible)
+    try:
+        return CompiledDecoder.build(model, cache, visible)
+    except Exception as e:  # never seen; the op-by-op path decodes any model the forward accepts
+        warnings.warn(f"the compiled decoding step is unavailable ({e!r}); decoding op by op", stacklevel=2)
+        return None
 
 
 @torch.inference_mode()  # cheaper than no_grad; only lists and fresh tensors leave the engine

@@ -239,3 +239,16 @@ def test_dequantized_linear_in_chunks_equals_the_whole_weight() -> None:
     deq = q.float() * scales[:, None]
     torch.testing.assert_close(quantize._dequantized_linear(x, q, scales, b), F.linear(x, deq, b))
     torch.testing.assert_close(quantize._dequantized_linear(x, q, scales, None, chunk=7), F.linear(x, deq))
+
+
+def test_int8_model_forward_with_gradients_enabled() -> None:
+    """Outside no_grad the embeddings require grad: the kernels cannot take such inputs, BLAS can."""
+    model = quantize_int8(tiny_gpt(V, block_size=48))
+    ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(0))
+    for length in (3, 40):  # rows the kernel would take, and rows for the chunked path
+        logits, loss = model(ids[:, :length], ids[:, :length])
+        assert loss is not None and loss.requires_grad
+        loss.backward()
+        with torch.no_grad():
+            expected, _ = model(ids[:, :length])
+        torch.testing.assert_close(logits.detach(), expected, rtol=1e-5, atol=1e-5)

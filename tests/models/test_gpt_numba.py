@@ -38,7 +38,8 @@ def test_compiled_steps_equal_op_by_op_steps(dtype: str, bias: bool, monkeypatch
     calls = []
     step = CompiledDecoder.__call__
     monkeypatch.setattr(CompiledDecoder, "__call__", lambda self, *a: calls.append(1) or step(self, *a))
-    for prompts in (PROMPTS, PROMPTS[:1], [PROMPTS[2]] * 5):  # padded batch, one row, 5 rows (4-row blocks + 1)
+    five = [[(7 * i + j) % V for j in range(6)] for i in range(5)]  # distinct rows: a 4-row block + 1
+    for prompts in (PROMPTS, PROMPTS[:1], five):  # padded batch, one row, 5 rows
         calls.clear()
         ref_tokens, ref_logprobs = _run(model, prompts, False, monkeypatch)
         assert not calls
@@ -106,6 +107,75 @@ def test_a_failing_compiled_step_warns_and_continues_op_by_op(monkeypatch: pytes
         tokens, logprobs = _run(model, PROMPTS, True, monkeypatch)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logprobs, ref_logprobs)
+
+
+def test_a_step_failing_in_the_head_leaves_the_cache_for_the_op_by_op_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layers have written this step's keys and values when the head fails: the fallback must redo the
+    step at the same cache position."""
+    from bigmodel.models import gpt_numba
+
+    model = _model("int8")
+    ref_tokens, ref_logprobs = _run(model, PROMPTS, False, monkeypatch)
+    head_step, calls = gpt_numba.head_step, []
+
+    def failing_third(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated head failure")
+        return head_step(*args)
+
+    monkeypatch.setattr(gpt_numba, "head_step", failing_third)
+    with pytest.warns(UserWarning, match="simulated head failure"):
+        tokens, logprobs = _run(model, PROMPTS, True, monkeypatch)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logprobs, ref_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_and_swapped_layers_decode_op_by_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the compiled layer does not know about (hooks, a Linear subclass, another norm) must not be skipped."""
+    visible = torch.ones(1, 4, dtype=torch.bool)
+    model = _model("fp32")
+    handle = model.transformer.h[1].mlp.register_forward_hook(lambda mod, i, o: o * 0)
+    assert compiled_decoder(model, model.new_cache(1, 8), visible) is None
+    op_by_op, _ = _run(model, PROMPTS, False, monkeypatch)
+    hooked, _ = _run(model, PROMPTS, True, monkeypatch)  # leaves BIGMODEL_COMPILED_STEP=1 set
+    assert torch.equal(hooked, op_by_op)  # the hook took effect in every step
+    handle.remove()
+    assert compiled_decoder(model, model.new_cache(1, 8), visible) is not None
+
+    class LoRALike(torch.nn.Linear):
+        pass
+
+    old = model.transformer.h[0].attn.c_proj
+    model.transformer.h[0].attn.c_proj = LoRALike(old.in_features, old.out_features)
+    assert compiled_decoder(model, model.new_cache(1, 8), visible) is None
+    model.transformer.h[0].attn.c_proj = old
+    model.transformer.h[0].ln_2 = torch.nn.LayerNorm(32)
+    assert compiled_decoder(model, model.new_cache(1, 8), visible) is None
+
+
+def test_unusable_kernels_fall_back_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a child forked after the kernels ran (numba's OpenMP would terminate it) nothing calls numba."""
+    from bigmodel.models import gpt_numba
+
+    model = _model("int8")
+    ref_tokens, _ = _run(model, PROMPTS, False, monkeypatch)
+    monkeypatch.setattr(gpt_numba, "_usable", False)
+    assert not int8_kernels.usable()
+    assert compiled_decoder(model, model.new_cache(1, 8), torch.ones(1, 4, dtype=torch.bool)) is None
+    tokens, _ = _run(model, PROMPTS, True, monkeypatch)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_gelu_matches_torch_over_the_whole_range() -> None:
+    from bigmodel.models import gpt_numba
+
+    x = torch.cat([torch.linspace(-40, 40, 20001), torch.tensor([-1e30, 1e30, float("nan")])])[None, :]
+    got = x.clone()
+    gpt_numba._gelu_tanh(got.numpy())
+    expected = torch.nn.functional.gelu(x, approximate="tanh")
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6, equal_nan=True)
+    assert got[0, 0] == 0 and got[0, -3] == 0  # saturates exactly: GELU(-40) and GELU(-1e30) are 0
 
 
 def test_sampling_with_a_seed_is_reproducible_on_the_compiled_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,6 +36,13 @@ def available() -> bool:
     return _kernels() is not None
 
 
+def usable() -> bool:
+    """Whether the kernel may run in this process: available, and not in a child forked after it ran here
+    (numba's OpenMP layer terminates such a child); Int8Linear then uses BLAS on dequantized weights."""
+    kernels = _kernels()
+    return kernels is not None and kernels.usable()
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x (M, K) float32 @ (weight (N, K) int8 * scales (N,)[:, None]).T + bias (N,) -> (M, N) float32,
     for M <= MAX_ROWS.

@@ -24,6 +24,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.compress import int8_kernels
@@ -163,10 +164,12 @@ class Int8Linear(nn.Module):
         bias = None if self.bias is None else self.bias.detach().float()  # fp32 even after a model.to(bf16)
         if self.kernel == "fbgemm":
             y = _per_row_dynamic(xf, self.packed, self._staging_for(xf.size(0)), bias)
-        elif xf.size(0) <= int8_kernels.MAX_ROWS:  # decoding: stream the int8 weights
+        elif xf.requires_grad and torch.is_grad_enabled():  # a gradient for the input (the weights are frozen)
+            y = F.linear(xf, self.dequantized(), bias)
+        elif xf.size(0) <= int8_kernels.MAX_ROWS and int8_kernels.usable():  # decoding: stream the int8 weights
             y = int8_kernels.int8_matmul(xf, self.weight_int8, self.scales, bias if bias is not None else self._zeros)
         else:  # long prompts and evaluation: enough rows that BLAS on dequantized weights is faster
-            y = _dequantized_linear(xf, self.weight_int8, self.scales, bias)
+            y = _dequantized_linear(xf, self.weight_int8, self.scales.float(), bias)
         y = y if x.dtype == torch.float32 else y.to(x.dtype)  # (M, out)
         return y.reshape(*shape[:-1], self.out_features)
 

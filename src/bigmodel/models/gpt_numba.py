@@ -19,6 +19,7 @@ callers import it lazily and fall back to PyTorch when it fails.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from typing import Any
 
@@ -27,7 +28,10 @@ import numpy as np
 import torch
 from numba import prange
 
-MAX_ROWS = 16  # more rows per step are faster op by op (BLAS); as compress/int8_kernels.MAX_ROWS
+from bigmodel.models.gpt import MLP, Block, LayerNorm
+from bigmodel.nn.attention import CausalSelfAttention
+
+MAX_ROWS = 16  # decoding steps of more rows run op by op
 
 # The fast-math flags let LLVM reassociate and vectorise the sums and fuse multiply-adds, but not assume
 # that values are finite: NaN inputs come out as NaN (tested), and attention masks with -inf. error_model
@@ -104,10 +108,12 @@ _Q = tuple(np.float32(c) for c in (0.46041764389006673, 0.022836099135175737, 0.
 
 @_jit
 def _tanh(y: Any) -> Any:
-    y = min(max(y, np.float32(-7.9)), np.float32(7.9))
-    z = y * y
+    c = min(max(y, np.float32(-7.9)), np.float32(7.9))
+    z = c * c
     p = _P[0] + z * (_P[1] + z * (_P[2] + z * (_P[3] + z * _P[4])))
-    return y * p / (np.float32(1.0) + z * (_Q[0] + z * (_Q[1] + z * _Q[2])))
+    t = c * p / (np.float32(1.0) + z * (_Q[0] + z * (_Q[1] + z * _Q[2])))
+    # exactly +-1 beyond the fitted range (selects, so it still vectorises); NaN compares false and stays NaN
+    return np.float32(1.0) if y >= np.float32(7.9) else (np.float32(-1.0) if y <= np.float32(-7.9) else t)
 
 
 @_jit
@@ -197,6 +203,20 @@ def head_step(x: Any, ln_f: tuple[Any, Any], lm_head: tuple[Any, Any, Any], h: A
 # ------------------------------------------------------------------------------------------ from Python
 
 _threads = threading.local()  # numba's thread count is set per calling thread
+_usable = True  # False in a forked child: numba's OpenMP layer kills a child of a process that used it
+
+
+def _forked() -> None:
+    global _usable
+    _usable = False
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def usable() -> bool:
+    """Whether the kernels may run in this process (not in a child forked after they ran in the parent)."""
+    return _usable
 
 
 def match_torch_threads() -> None:
@@ -208,33 +228,51 @@ def match_torch_threads() -> None:
         _threads.count = wanted
 
 
-def _f32(t: torch.Tensor | None, n: int, fill: float) -> np.ndarray:
+def _f32(t: torch.Tensor | None, n: int, fill: float) -> np.ndarray | None:
+    """A float32 CPU tensor as numpy (None for any other), or a constant vector when there is no tensor."""
     if t is None:
         return np.full(n, fill, dtype=np.float32)
-    return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        return None
+    return np.ascontiguousarray(t.detach().numpy())
 
 
-def _linear(module: torch.nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _linear(module: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(weight, scales, bias) numpy views of an nn.Linear (float32) or an Int8Linear (int8 + scales)."""
-    bias = getattr(module, "bias", None)
-    q = getattr(module, "weight_int8", None)
-    if isinstance(q, torch.Tensor):
-        if getattr(module, "kernel", "numba") != "numba":  # BIGMODEL_INT8_KERNEL chose another kernel
+    kind = type(module)
+    if kind is torch.nn.Linear:
+        w = _f32(module.weight, 0, 0.0)
+        n = module.out_features
+        bias = _f32(module.bias, n, 0.0)
+        return None if w is None or bias is None else (w, np.ones(n, dtype=np.float32), bias)
+    if (kind.__module__, kind.__name__) == ("bigmodel.compress.quantize", "Int8Linear"):
+        q = module.weight_int8
+        if module.kernel != "numba" or q.device.type != "cpu":  # e.g. BIGMODEL_INT8_KERNEL=fbgemm
             return None
         n = q.shape[0]
-        return q.numpy(), _f32(module.scales, n, 1.0), _f32(bias, n, 0.0)  # type: ignore[arg-type]
-    w = getattr(module, "weight", None)
-    if not isinstance(module, torch.nn.Linear) or w is None or w.dtype != torch.float32:
-        return None
-    n = w.shape[0]
-    return w.detach().numpy(), np.ones(n, dtype=np.float32), _f32(bias, n, 0.0)
+        scales, bias = _f32(module.scales, n, 1.0), _f32(module.bias, n, 0.0)
+        return None if scales is None or bias is None else (q.numpy(), scales, bias)
+    return None  # a subclass or another layer (LoRA, ...) computes something else
 
 
-def _norm(module: torch.nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
-    w = module.weight
-    if not isinstance(w, torch.Tensor) or w.dtype != torch.float32:
+def _norm(module: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    if type(module) is not LayerNorm:
         return None
-    return w.detach().numpy(), _f32(getattr(module, "bias", None), w.shape[0], 0.0)
+    w = _f32(module.weight, 0, 0.0)
+    b = _f32(module.bias, module.weight.shape[0], 0.0)
+    return None if w is None or b is None else (w, b)
+
+
+def _plain(model: Any) -> bool:
+    """No forward hooks anywhere and GPT-2's own block classes: what the compiled layer computes."""
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return False
+    return all(
+        type(b) is Block and type(b.attn) is CausalSelfAttention and type(b.mlp) is MLP for b in model.transformer.h
+    )
 
 
 class CompiledDecoder:
@@ -267,9 +305,11 @@ class CompiledDecoder:
         """visible (M, S) bool: the cache positions already filled that each row may attend to."""
         t = model.transformer
         M = visible.shape[0]
-        if M > MAX_ROWS or t.wte.weight.device.type != "cpu" or cache.k.dtype != torch.float32:
+        if M > MAX_ROWS or not _usable or not _plain(model):
             return None
-        if t.wte.weight.dtype != torch.float32 or t.wpe.weight.dtype != torch.float32:
+        if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
+            return None
+        if _f32(t.wte.weight, 0, 0.0) is None or _f32(t.wpe.weight, 0, 0.0) is None:
             return None
         layers = []
         for block in t.h:
@@ -302,8 +342,8 @@ class CompiledDecoder:
         self.visible[:, pos] = True
         for i, layer in enumerate(self.layers):
             layer_step(x, *layer, self.k[i], self.v[i], pos, self.visible, self.scratch)  # type: ignore[call-arg]
-        self.cache.advance(1)
         ln_f, lm_head = self.head
         logits = np.empty((x.shape[0], lm_head[0].shape[0]), dtype=np.float32)
         head_step(x, ln_f, lm_head, self.scratch[0], logits)
+        self.cache.advance(1)  # last: a step that raised leaves the cache where the op-by-op step expects it
         return torch.from_numpy(logits)[:, None, :]
