@@ -7,7 +7,8 @@ fp32 and numba-int8 rows run the compiled decoding step (models/gpt_numba.py); t
 the same model with BIGMODEL_COMPILED_STEP=0, the PyTorch forward of every step.
 Prints tokens/s (new tokens, prefill included, best of --repeats), the ratio to transformers, and the
 fraction of the memory-bandwidth limit (weight bytes read per decoding step against the machine's measured
-read bandwidth).
+read bandwidth: the best of measurements before the timings and after each batch, as the host's
+bandwidth drifts during a run).
 
     python benchmarks/generate_speed.py [--new 128] [--repeats 2] [--batches 1 8]
 """
@@ -135,7 +136,7 @@ def main() -> None:
         f"{name} op by op": variants[name] for name in ("bigmodel fp32", "bigmodel int8 numba") if name in variants
     }
     variants.update(op_by_op)
-    bw = read_bandwidth()
+    bw = read_bandwidth()  # measured again after each batch's timings; the best so far is the limit
     print(
         f"GPT-2 124M shape, random weights; prompt {PROMPT} tokens, {args.new} new tokens, greedy; "
         f"{torch.get_num_threads()} threads; measured read bandwidth {bw / 1e9:.1f} GB/s"
@@ -162,7 +163,11 @@ def main() -> None:
         if compiled_before is not None:
             os.environ["BIGMODEL_COMPILED_STEP"] = compiled_before
         base = batch * args.new / rows["transformers fp32"]
-        print(f"\nbatch {batch} (greedy tokens identical to transformers in fp32: {same})")
+        bw = max(bw, read_bandwidth())  # the host's bandwidth drifts during a run
+        print(
+            f"\nbatch {batch} (greedy tokens identical to transformers in fp32: {same}; "
+            f"best read bandwidth so far {bw / 1e9:.1f} GB/s)"
+        )
         print(f"{'':30s} {'tokens/s':>9s} {'ratio':>7s} {'of bandwidth limit':>19s}")
         for name, sec in rows.items():
             tps = batch * args.new / sec
