@@ -2,8 +2,8 @@
 
 Decompositions: a 50,000 x 784 float32 matrix (MNIST-shaped: low-rank structure plus noise, seeded). For
 PCA (full, covariance and randomized solvers, 50 components) and TruncatedSVD (randomized, 50
-components): seconds for each library (best of --repeats, after one untimed call), the ratio, and the accuracy difference (max
-relative difference of the explained variances).
+components): seconds for each library (best of --repeats, after one untimed call), the ratio, and the
+accuracy difference (max relative difference of the explained variances).
 
 Wavelets: 1,000 signals of 4,096 samples (PyWavelets' ECG recording, shifted, with noise), full-depth
 `wavedec` in symmetric mode for a short, a medium and two long filters. PyWavelets runs on the float32
