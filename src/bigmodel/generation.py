@@ -153,16 +153,17 @@ def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | Non
     apply: another model class, swapped submodules or forward hooks, weights not float32 or numba-int8, not
     on the CPU, more than 16 rows, numba missing, or BIGMODEL_COMPILED_STEP=0. Steps then run the model's
     forward op by op (same results to float32 rounding)."""
-    if os.environ.get("BIGMODEL_COMPILED_STEP", "1") == "0" or type(model).forward is not GPT.forward:
+    if os.environ.get("BIGMODEL_COMPILED_STEP", "1") == "0" or not isinstance(model, GPT):
         return None
-    if _device(model).type != "cpu":
+    if _device(model).type != "cpu":  # (before importing numba)
+        return None
+    from bigmodel.compress import int8_kernels
+
+    kernels = int8_kernels.compiled()
+    if kernels is None:
         return None
     try:
-        from bigmodel.models.gpt_numba import CompiledDecoder
-    except Exception:  # numba missing or unusable (e.g. no writable cache folder)
-        return None
-    try:
-        return CompiledDecoder.build(model, cache, visible)
+        return kernels.CompiledDecoder.build(model, cache, visible)
     except Exception as e:  # never seen; the op-by-op path decodes any model the forward accepts
         warnings.warn(f"the compiled decoding step is unavailable ({e!r}); decoding op by op", stacklevel=2)
         return None

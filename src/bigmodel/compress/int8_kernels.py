@@ -22,7 +22,9 @@ MAX_ROWS = 32  # more rows (long prompts, evaluation) are faster through BLAS on
 
 
 @cache
-def _kernels() -> ModuleType | None:
+def compiled() -> ModuleType | None:
+    """models/gpt_numba.py (the row-matmul kernel and the compiled decoding step), or None where numba is
+    missing or unusable. Imported once, here, by Int8Linear and by the generation engine alike."""
     try:
         from bigmodel.models import gpt_numba
 
@@ -33,13 +35,13 @@ def _kernels() -> ModuleType | None:
 
 def available() -> bool:
     """Whether numba is installed and usable (the kernel compiles lazily on first use)."""
-    return _kernels() is not None
+    return compiled() is not None
 
 
 def usable() -> bool:
     """Whether the kernel may run in this process: available, and not in a child forked after it ran here
     (numba's OpenMP layer terminates such a child); Int8Linear then uses BLAS on dequantized weights."""
-    kernels = _kernels()
+    kernels = compiled()
     return kernels is not None and kernels.usable()
 
 
@@ -50,7 +52,7 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     CPU tensors only; uses as many threads as torch does. Concurrent calls from several threads are safe
     with numba's OpenMP or TBB threading layer, not with its fallback `workqueue` layer.
     """
-    kernels = _kernels()
+    kernels = compiled()
     if kernels is None:
         raise RuntimeError("the numba int8 kernels are not available (is numba installed?)")
     kernels.match_torch_threads()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from numba import prange
 
-from bigmodel.models.gpt import MLP, Block, LayerNorm
+from bigmodel.models.gpt import GPT, MLP, Block, LayerNorm
 from bigmodel.nn.attention import CausalSelfAttention
 
 MAX_ROWS = 16  # decoding steps of more rows run op by op
@@ -264,7 +264,9 @@ def _norm(module: Any) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _plain(model: Any) -> bool:
-    """No forward hooks anywhere and GPT-2's own block classes: what the compiled layer computes."""
+    """GPT's own forward and block classes, and no forward hooks anywhere: what the compiled step computes."""
+    if not isinstance(model, GPT) or type(model).forward is not GPT.forward:
+        return False
     hooks = torch.nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return False
@@ -281,15 +283,18 @@ class CompiledDecoder:
     this path (weights not float32 or numba-int8, not on the CPU, too many rows)."""
 
     def __init__(
-        self, model: Any, cache: Any, visible: np.ndarray, layers: list[tuple[Any, ...]], head: tuple[Any, ...]
+        self,
+        cache: Any,
+        visible: np.ndarray,
+        embeddings: tuple[np.ndarray, np.ndarray],
+        layers: list[tuple[Any, ...]],
+        head: tuple[Any, ...],
     ) -> None:
-        C = model.config.n_embd
-        M = visible.shape[0]
+        M, C = visible.shape[0], embeddings[0].shape[1]
         self.cache = cache
         self.visible = visible  # (M, S): which cache positions each row attends to
+        self.wte, self.wpe = embeddings  # (V, C), (block_size, C)
         self.layers, self.head = layers, head
-        self.wte = model.transformer.wte.weight.detach().numpy()
-        self.wpe = model.transformer.wpe.weight.detach().numpy()
         self.k = cache.k.numpy()  # (n_layer, M, nh, S, hd) views: the prefill wrote them through torch
         self.v = cache.v.numpy()
         self.x = np.empty((M, C), dtype=np.float32)
@@ -309,7 +314,8 @@ class CompiledDecoder:
             return None
         if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
             return None
-        if _f32(t.wte.weight, 0, 0.0) is None or _f32(t.wpe.weight, 0, 0.0) is None:
+        wte, wpe = _f32(t.wte.weight, 0, 0.0), _f32(t.wpe.weight, 0, 0.0)
+        if wte is None or wpe is None:
             return None
         layers = []
         for block in t.h:
@@ -329,7 +335,7 @@ class CompiledDecoder:
             return None
         mask = np.zeros((M, cache.max_len), dtype=np.bool_)
         mask[:, : visible.shape[1]] = visible.cpu().numpy()
-        return cls(model, cache, mask, layers, (ln_f, lm_head))
+        return cls(cache, mask, (wte, wpe), layers, (ln_f, lm_head))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (M,), positions (M,) (each row's own position id) -> next-token logits (M, 1, V)."""
