@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,3 +199,72 @@ def test_nan_activations_propagate_to_their_row_only() -> None:
         assert decoder is not None
         logits = decoder(torch.tensor([5, 6]), torch.tensor([3, 3]))
     assert torch.isnan(logits[0]).all() and torch.isfinite(logits[1]).all()
+
+
+def _int16_reference(x: np.ndarray, q: np.ndarray, scales: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """What the int8 kernel computes, in float64: each row of x rounded to int16 on its own step
+    (max|x| / 32767), exact integer dot products with the int8 rows, then the two scales and the bias."""
+    step = np.abs(x).max(1, keepdims=True).astype(np.float64) / 32767
+    step[step == 0] = 1.0
+    xq = np.rint(x / step)
+    assert np.abs(xq).max() <= 32767
+    return (xq @ q.T.astype(np.float64)) * step * scales[None, :] + bias[None, :]
+
+
+# K: one vectorised call (multiples of 16 up to 4096); a tail of K % 16; chunks of 4096 plus a tail.
+# M: single rows, one block of four, blocks of four plus single rows.
+@pytest.mark.parametrize("K", [16, 48, 40, 3, 4096, 4112, 8200])
+@pytest.mark.parametrize("M", [1, 4, 7])
+def test_int8_matmul_rows_computes_exact_int16_products(K: int, M: int) -> None:
+    from bigmodel.models.gpt_numba import matmul_rows
+
+    rng = np.random.default_rng(K * 10 + M)
+    N = 37
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.01, 100, (M, 1))).astype(np.float32)
+    x[0, 0] = np.abs(x[0]).max() * 3  # the row's largest value lands exactly on +32767
+    q = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    q[:, :16] = 127 * np.sign(x[:, :16].sum(0)).astype(np.int8)  # sums near the int32 bound within a chunk
+    scales = rng.uniform(1e-3, 1.0, N).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    out = np.empty((M, N), dtype=np.float32)
+    matmul_rows(x, q, scales, bias, out)
+    expected = _int16_reference(x, q, scales, bias)
+    magnitude = np.abs(x).max(1, keepdims=True) * np.abs(q).sum(1)[None, :] * scales[None, :]
+    assert np.all(np.abs(out - expected) <= 1e-6 * magnitude + 1e-6)  # float32 scaling only: sums are exact
+
+
+def test_int8_kernel_saturated_rows_do_not_overflow() -> None:
+    """Every product at its largest, all of one sign, over 4096 elements (one int32 chunk) and beyond."""
+    from bigmodel.models.gpt_numba import matmul_rows
+
+    for K in (4096, 8192 + 16):
+        x = np.ones((5, K), dtype=np.float32)
+        x[1] *= -1
+        q = np.full((3, K), 127, dtype=np.int8)
+        q[2] = -127
+        out = np.empty((5, 3), dtype=np.float32)
+        matmul_rows(x, q, np.ones(3, np.float32), np.zeros(3, np.float32), out)
+        assert np.allclose(out[0], [127 * K, 127 * K, -127 * K], rtol=1e-6)
+        assert np.allclose(out[1], [-127 * K, -127 * K, 127 * K], rtol=1e-6)
+
+
+def test_int8_kernel_zero_and_non_finite_rows() -> None:
+    """A zero row gives the bias; rows with NaN or inf take float32 products (as the float kernel)."""
+    from bigmodel.models.gpt_numba import _matmul_float, matmul_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 64)).astype(np.float32)
+    x[0] = 0.0
+    x[2, 5] = np.nan
+    x[3, 7] = np.inf
+    x[4, 1] = -np.inf
+    q = rng.integers(-127, 128, (9, 64)).astype(np.int8)
+    scales, bias = rng.uniform(0.1, 1, 9).astype(np.float32), rng.standard_normal(9).astype(np.float32)
+    out, float_out = np.empty((6, 9), np.float32), np.empty((6, 9), np.float32)
+    matmul_rows(x, q, scales, bias, out)
+    _matmul_float(x, q, scales, bias, float_out)
+    assert np.array_equal(out[0], bias)
+    assert np.isnan(out[2]).all()
+    np.testing.assert_array_equal(out[3:5], float_out[3:5])  # +-inf or NaN, element by element as float32
+    assert np.isfinite(out[[0, 1, 5]]).all()
+    np.testing.assert_allclose(out[[1, 5]], _int16_reference(x[[1, 5]], q, scales, bias), rtol=1e-5, atol=1e-5)
