@@ -177,6 +177,29 @@ def _dot_long(xq: Any, w: Any) -> Any:
     return total + np.float32(rest)
 
 
+PREFETCH_BYTES = 16384  # how far ahead of its weight row a thread asks for the next rows (int8, M < 4)
+
+
+def _prefetch_typing(typingctx: Any, row: Any, index: Any) -> Any:
+    """_prefetch(row, i): ask the CPU to start loading the cache line that holds row[i] into all cache
+    levels (LLVM's prefetch). It changes nothing but timing."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch"
+        )
+        address = builder.bitcast(builder.gep(data, [args[1]]), i8p)
+        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(row, index), codegen
+
+
+_prefetch: Any = intrinsic(_prefetch_typing)
+
+
 @_pjit
 def _matmul_int8(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
     """matmul_rows for int8 weights with int16-rounded activations (see above); four rows at a time share
@@ -187,7 +210,14 @@ def _matmul_int8(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
     step = np.empty(M, dtype=np.float32)
     _round_rows(x, xq, step)
     short = K % 16 == 0 and K <= _CHUNK  # GPT-2 up to its large shape: one plain call per dot product
+    # With fewer than 4 rows the products keep up with memory, and prefetching the rows PREFETCH_BYTES ahead
+    # made decoding steps ~8% faster; with more rows they are compute-bound and prefetching cost ~5%.
+    ahead = max(1, PREFETCH_BYTES // K) if M < 4 else N
     for n in prange(N):
+        if n + ahead < N:
+            coming = w[n + ahead]
+            for c in range(0, K, 64):  # one request per 64-byte cache line
+                _prefetch(coming, c)
         wn, sn, bn = w[n], scales[n], bias[n]
         m = 0
         while m + 4 <= M:
