@@ -568,3 +568,17 @@ def test_the_transformers_docs_example_works_with_bigmodel_names(tmp_path) -> No
     assert out.shape[0] == 1 and out.shape[1] <= 100
     assert decoded.startswith(text) and isinstance(decoded, str)
     assert decoded == tok.decode(out[0].tolist(), skip_special_tokens=True)
+
+
+def test_greedy_argmax_matches_torch_with_ties_and_nan() -> None:
+    from bigmodel.generation import _argmax
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 50257, generator=g)
+    scores[1, 3] = scores[1, 40000] = scores[1].max() + 1  # a tie: the first one wins
+    scores[2, 9] = scores[2, 7] = float("nan")  # NaN counts as the largest, the first one wins
+    scores[3] = float("-inf")
+    scores[4, -1] = float("inf")
+    view = torch.randn(2, 3, 50257, generator=g)[:, -1, :]  # a strided view, as the engine passes
+    for s in (scores, view, scores.double()):
+        assert torch.equal(_argmax(s), s.argmax(-1))

@@ -169,6 +169,14 @@ def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | Non
         return None
 
 
+def _argmax(scores: torch.Tensor) -> torch.Tensor:
+    """scores.argmax(-1): on the CPU through numpy, whose vectorised argmax over GPT-2's 50257 logits takes
+    ~5 us against torch's ~50 (1% of a decoding step). Same answer: the first maximum, or the first NaN."""
+    if scores.device.type != "cpu" or scores.dtype != torch.float32:
+        return scores.argmax(-1)
+    return torch.from_numpy(scores.numpy().argmax(-1))
+
+
 @torch.inference_mode()  # cheaper than no_grad; only lists and fresh tensors leave the engine
 def _decode_steps(model: GPT, rows: list[list[int]], new: int, cfg: GenerationConfig) -> Iterator[Step]:
     device = _device(model)
@@ -207,7 +215,7 @@ def _decode_steps(model: GPT, rows: list[list[int]], new: int, cfg: GenerationCo
             if cfg.do_sample:
                 tok = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
             else:
-                tok = scores.argmax(-1)
+                tok = _argmax(scores)
             tok = tok.masked_fill(done, pad)
             logprobs = raw.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
             if len(stop):
