@@ -451,7 +451,7 @@ def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 # ----- the command ------------------------------------------------------------------------------------------
 def cast_for_inference(model: GPT, dtype: str = "auto") -> GPT:
-    """Weights for decoding: fp32, bf16, or int8 weight-only (see compress/quantize.py).
+    """Weights for decoding: fp32, bf16, or int8 weights (see compress/quantize.py).
 
     auto picks bf16 where bf16 is native (GPUs with bf16, CPUs with AVX512-BF16/AMX), else fp32.
     """

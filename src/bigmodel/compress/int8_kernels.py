@@ -1,11 +1,13 @@
-"""Weight-only int8 matrix products for a few rows (decoding steps), compiled by numba.
+"""int8-weight matrix products for a few rows (decoding steps), compiled by numba.
 
 Decoding reads every weight once per step for one row (or a handful) of activations, so its speed is
 the rate at which weights stream from memory. The kernel (`matmul_rows` in models/gpt_numba.py, which the
-compiled decoding step uses too) reads the int8 weights directly, widens each to float32 in registers and
-accumulates in float32: four times fewer bytes than fp32 weights, and no rounding of the activations
-(fbgemm's int8 kernels quantize them). On a 2-core AVX2 CPU it streams the weights about 1.3-1.8x faster
-than fbgemm's dynamic int8 GEMV (benchmarks/generate_speed.py).
+compiled decoding step uses too) reads the int8 weights directly: four times fewer bytes than fp32
+weights. It rounds each activation row to int16 on its own scale (at most 1/65534 of the row's largest
+value, ~250x finer than the weights' own int8 step) so that the CPU multiplies and adds 16 weights per
+instruction, and sums the products exactly in integers. fbgemm's int8 kernels round activations to 7 bits
+instead. Perplexity through decoding steps equals the forward's (float activations) to 1e-6 relative
+(benchmarks/int8_quality.py); speed against fbgemm and fp32 is in benchmarks/generate_speed.py.
 
 numba is optional: `available()` is False without it, and `compress/quantize.py` then uses fbgemm.
 The kernel compiles on first use (a second or two, cached on disk by numba afterwards).
@@ -47,7 +49,8 @@ def usable() -> bool:
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x (M, K) float32 @ (weight (N, K) int8 * scales (N,)[:, None]).T + bias (N,) -> (M, N) float32,
-    for M <= MAX_ROWS.
+    for M <= MAX_ROWS, with each row of x rounded to int16 on its own scale (rows holding NaN or inf are
+    computed in float32).
 
     CPU tensors only; uses as many threads as torch does. Concurrent calls from several threads are safe
     with numba's OpenMP or TBB threading layer, not with its fallback `workqueue` layer.

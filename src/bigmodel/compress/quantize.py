@@ -5,11 +5,12 @@ scale = max|W_row| / 127): a quarter of the fp32 bytes, and bytes read per token
 speed at small batch sizes. The kernel that computes y = x @ W.T + b is chosen once per layer
 (`int8_kernel`; the environment variable BIGMODEL_INT8_KERNEL forces one):
 
-- `numba` (CPU, when numba is installed; the default there): weight-only. Up to 32 rows (decoding steps,
-  short prompts) run `compress/int8_kernels.py`, which streams the int8 weights and accumulates in float32;
-  more rows (long prompts, evaluation) dequantize 256 weight rows at a time into one reused buffer and use
-  the float32 BLAS (a whole fp32 copy of the weight per call cost 3-4x more, mostly in page faults).
-  Activations are never rounded.
+- `numba` (CPU, when numba is installed; the default there). Up to 32 rows (decoding steps, short
+  prompts) run `compress/int8_kernels.py`, which streams the int8 weights and rounds each activation row
+  to int16 on its own scale (error at most 1/65534 of the row's largest value) to sum the products in
+  integers; more rows (long prompts, evaluation) dequantize 256 weight rows at a time into one reused
+  buffer and use the float32 BLAS on the activations as they are (a whole fp32 copy of the weight per
+  call cost 3-4x more, mostly in page faults).
 - `fbgemm` (x86 CPUs without numba): fbgemm's int8 GEMM, with each token's activations quantized on the
   fly on its own scale (dynamic quantization, 7-bit range to avoid AVX2 saturation), so tokens and batch
   rows never influence each other.

@@ -9,7 +9,8 @@ batch 1 on 2 cores that costs about as long as streaming int8 weights. Here a la
       x += c_proj(a);  x += mlp.c_proj(gelu(mlp.c_fc(LayerNorm(x))))
 
 and the head (final LayerNorm + output projection) another. Weights are read where they are (numpy
-views of the model's tensors, no copies): float32 Linear weights, or Int8Linear's int8 rows and scales.
+views of the model's tensors, no copies): float32 Linear weights, or Int8Linear's int8 rows and scales
+(with the activations rounded to int16, see `_matmul_int8`).
 
 `matmul_rows` is also the kernel of Int8Linear's decoding path (compress/int8_kernels.py). Everything is
 compiled on first use and cached on disk by numba; importing this module needs a working numba, so the
