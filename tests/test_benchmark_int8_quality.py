@@ -1,0 +1,45 @@
+"""benchmarks/int8_quality.py on the tiny training run: decoding steps score what the forward scores."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from bigmodel.data.loader import TokenShards, eval_batches
+from bigmodel.generation import cast_for_inference
+from bigmodel.models.gpt import GPT
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("int8_quality_bench", REPO / "benchmarks" / "int8_quality.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_steps_score_what_the_forward_scores(bench: ModuleType, tiny_run: tuple, bpe_data: Path, dtype: str) -> None:
+    model = cast_for_inference(GPT.from_pretrained(tiny_run[0].run_dir / "final"), dtype)
+    x, y = next(iter(eval_batches(TokenShards(bpe_data, "val"), model.config.block_size, 16)))
+    forward, steps = bench.nll_forward(model, x, y), bench.nll_steps(model, x, y)
+    # fp32: float rounding only; int8: the decoding kernel also rounds activations to int16
+    assert steps == pytest.approx(forward, rel=1e-5 if dtype == "fp32" else 1e-4)
+
+
+def test_prints_both_paths_and_the_changes(
+    bench: ModuleType, tiny_run: tuple, bpe_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["int8_quality.py", str(tiny_run[0].run_dir), str(bpe_data), "--max-tokens", "300"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    out = capsys.readouterr().out
+    for line in ("fp32 ", "int8 ", "int8 against fp32, forward:", "int8 against fp32, steps:", "int16 activations"):
+        assert line in out
