@@ -248,23 +248,43 @@ def test_int8_kernel_saturated_rows_do_not_overflow() -> None:
         assert np.allclose(out[1], [-127 * K, -127 * K, 127 * K], rtol=1e-6)
 
 
-def test_int8_kernel_zero_and_non_finite_rows() -> None:
-    """A zero row gives the bias; rows with NaN or inf take float32 products (as the float kernel)."""
+def test_int8_kernel_zero_tiny_and_non_finite_rows() -> None:
+    """A zero row gives the bias; rows with NaN or inf, or too small to scale to int16 (their step would
+    underflow), take float32 products, as the float kernel computes them."""
     from bigmodel.models.gpt_numba import _matmul_float, matmul_rows
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((6, 64)).astype(np.float32)
+    x = rng.standard_normal((7, 64)).astype(np.float32)
     x[0] = 0.0
     x[2, 5] = np.nan
     x[3, 7] = np.inf
     x[4, 1] = -np.inf
+    x[6] *= 1e-41  # denormal values: max|x| / 32767 would round to 0 or nearly
     q = rng.integers(-127, 128, (9, 64)).astype(np.int8)
     scales, bias = rng.uniform(0.1, 1, 9).astype(np.float32), rng.standard_normal(9).astype(np.float32)
-    out, float_out = np.empty((6, 9), np.float32), np.empty((6, 9), np.float32)
+    out, float_out = np.empty((7, 9), np.float32), np.empty((7, 9), np.float32)
     matmul_rows(x, q, scales, bias, out)
     _matmul_float(x, q, scales, bias, float_out)
     assert np.array_equal(out[0], bias)
     assert np.isnan(out[2]).all()
     np.testing.assert_array_equal(out[3:5], float_out[3:5])  # +-inf or NaN, element by element as float32
+    zero = np.zeros(9, np.float32)  # (a bias would swamp row 6's tiny products)
+    matmul_rows(x[6:], q, scales, zero, out[6:])
+    _matmul_float(x[6:], q, scales, zero, float_out[6:])
+    assert np.abs(float_out[6]).max() > 0
+    np.testing.assert_array_equal(out[6], float_out[6])
     assert np.isfinite(out[[0, 1, 5]]).all()
     np.testing.assert_allclose(out[[1, 5]], _int16_reference(x[[1, 5]], q, scales, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_with_a_non_contiguous_weight_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reads contiguous rows: a weight buffer replaced by a strided view is made contiguous
+    for it (no wrong reads, no typing error)."""
+    monkeypatch.setenv("BIGMODEL_INT8_KERNEL", "numba")
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    lin = quantize.Int8Linear(w, None)
+    lin.weight_int8 = lin.weight_int8.t().contiguous().t()  # same values, column-major
+    assert not lin.weight_int8.is_contiguous()
+    x = torch.randn(3, 40)
+    expected = torch.nn.functional.linear(x, lin.dequantized())
+    torch.testing.assert_close(lin(x), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))

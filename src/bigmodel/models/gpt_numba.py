@@ -125,15 +125,27 @@ def _dot_codegen(rows: int) -> Any:
     return codegen
 
 
+def _rows(*arrays: Any) -> bool:
+    """Whether the intrinsics' array arguments are what their code reads: contiguous 1-D rows of int16
+    activations, then one of int8 weights (anything else is a typing error, not wrong code)."""
+    *xs, w = arrays
+    kinds = [(x, types.int16) for x in xs] + [(w, types.int8)]
+    return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == t for a, t in kinds)
+
+
 def _dot1_typing(typingctx: Any, x: Any, w: Any, start: Any, count: Any) -> Any:
     """_dot1(x, w, start, count): sum of x[start:start+count] * w[start:start+count] as int64; x int16,
     w int8, both contiguous rows."""
+    if not _rows(x, w):
+        return None  # a typing error
     return types.int64(x, w, start, count), _dot_codegen(1)
 
 
 def _dot4_typing(typingctx: Any, x0: Any, x1: Any, x2: Any, x3: Any, w: Any, start: Any, count: Any) -> Any:
     """_dot4(x0, x1, x2, x3, w, start, count): _dot1 for four int16 rows against one int8 row, which is
     loaded and widened once."""
+    if not _rows(x0, x1, x2, x3, w):
+        return None
     return types.UniTuple(types.int64, 4)(x0, x1, x2, x3, w, start, count), _dot_codegen(4)
 
 
@@ -144,18 +156,20 @@ _dot4: Any = intrinsic(_dot4_typing)
 
 @_jit
 def _round_rows(x: Any, xq: Any, step: Any) -> None:
-    """xq (M, K) int16 = round(x / step) with step (M,) = max|x[m]| / 32767 per row (1 for a zero row,
-    NaN for a row holding NaN or inf)."""
+    """xq (M, K) int16 = round(x / step) with step (M,) = max|x[m]| / 32767 per row; step is NaN for the
+    rows left to the float kernel: those holding NaN or inf, and those whose values are all below 1e-30
+    (their step would underflow), zero rows included."""
     M, K = x.shape
     for m in range(M):
         top, total = np.float32(0.0), np.float32(0.0)
         for k in range(K):
             top = max(top, abs(x[m, k]))
             total += x[m, k]  # NaN or inf anywhere makes it non-finite (max() would skip a NaN)
-        if not abs(total) < np.inf:  # (np.isfinite is x - x == 0, which the fast-math flags fold to True)
+        # (not np.isfinite: it tests x - x == 0, which the fast-math flags fold to True)
+        if not abs(total) < np.inf or not top >= np.float32(1e-30):
             step[m] = np.nan
             continue
-        s = top / np.float32(32767.0) if top > 0 else np.float32(1.0)
+        s = top / np.float32(32767.0)
         inv = np.float32(1.0) / s
         for k in range(K):
             xq[m, k] = np.int16(np.rint(x[m, k] * inv))
@@ -238,7 +252,7 @@ def _matmul_int8(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
             out[m, n] = a0 * (sn * step[m]) + bn
             m += 1
     for m in range(M):
-        if step[m] != step[m]:  # NaN: NaN or inf in this row: float32 products, as the float kernel computes them
+        if step[m] != step[m]:  # a row left to float32 products (see _round_rows)
             _matmul_float(x[m : m + 1], w, scales, bias, out[m : m + 1])
 
 
@@ -444,7 +458,7 @@ def _linear(module: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
             return None
         n = q.shape[0]
         scales, bias = _f32(module.scales, n, 1.0), _f32(module.bias, n, 0.0)
-        return None if scales is None or bias is None else (q.numpy(), scales, bias)
+        return None if scales is None or bias is None else (np.ascontiguousarray(q.numpy()), scales, bias)
     return None  # a subclass or another layer (LoRA, ...) computes something else
 
 
