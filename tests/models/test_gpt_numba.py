@@ -201,14 +201,18 @@ def test_nan_activations_propagate_to_their_row_only() -> None:
     assert torch.isnan(logits[0]).all() and torch.isfinite(logits[1]).all()
 
 
-def _int16_reference(x: np.ndarray, q: np.ndarray, scales: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def _int16_reference(x: np.ndarray, q: np.ndarray, scales: np.ndarray, bias: np.ndarray) -> tuple:
     """What the int8 kernel computes, in float64: each row of x rounded to int16 on its own step
-    (max|x| / 32767), exact integer dot products with the int8 rows, then the two scales and the bias."""
+    (max|x| / 32767), exact integer dot products with the int8 rows, then the two scales and the bias.
+    Also (M, N) how far the kernel may be from it: the kernel scales in float32 (relative error ~1e-7 of
+    values up to 32767), so values within 0.01 of halfway between two integers may round either way."""
     step = np.abs(x).max(1, keepdims=True).astype(np.float64) / 32767
-    step[step == 0] = 1.0
-    xq = np.rint(x / step)
+    scaled = x / step
+    xq = np.rint(scaled)
     assert np.abs(xq).max() <= 32767
-    return (xq @ q.T.astype(np.float64)) * step * scales[None, :] + bias[None, :]
+    halfway = np.abs(np.abs(scaled - np.trunc(scaled)) - 0.5) < 0.01  # (M, K)
+    slack = (halfway.astype(np.float64) @ np.abs(q.T.astype(np.float64))) * step * scales[None, :]
+    return (xq @ q.T.astype(np.float64)) * step * scales[None, :] + bias[None, :], slack
 
 
 # K: one vectorised call (multiples of 16 up to 4096); a tail of K % 16; chunks of 4096 plus a tail.
@@ -228,9 +232,10 @@ def test_int8_matmul_rows_computes_exact_int16_products(K: int, M: int) -> None:
     bias = rng.standard_normal(N).astype(np.float32)
     out = np.empty((M, N), dtype=np.float32)
     matmul_rows(x, q, scales, bias, out)
-    expected = _int16_reference(x, q, scales, bias)
+    expected, slack = _int16_reference(x, q, scales, bias)
     magnitude = np.abs(x).max(1, keepdims=True) * np.abs(q).sum(1)[None, :] * scales[None, :]
-    assert np.all(np.abs(out - expected) <= 1e-6 * magnitude + 1e-6)  # float32 scaling only: sums are exact
+    # float32 scaling only (the sums are exact), plus halfway values rounded the other way
+    assert np.all(np.abs(out - expected) <= 1e-6 * magnitude + slack + 1e-6)
 
 
 def test_int8_kernel_saturated_rows_do_not_overflow() -> None:
@@ -274,7 +279,38 @@ def test_int8_kernel_zero_tiny_and_non_finite_rows() -> None:
     assert np.abs(float_out[6]).max() > 0
     np.testing.assert_array_equal(out[6], float_out[6])
     assert np.isfinite(out[[0, 1, 5]]).all()
-    np.testing.assert_allclose(out[[1, 5]], _int16_reference(x[[1, 5]], q, scales, bias), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[[1, 5]], _int16_reference(x[[1, 5]], q, scales, bias)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("K", [3, 19, 771])
+def test_int8_kernel_rows_with_huge_values_stay_right(K: int) -> None:
+    """Values above 1e30 (x * 32767 would overflow float32) take the float kernel instead of rounding."""
+    from bigmodel.models.gpt_numba import _matmul_float, matmul_rows
+
+    x = np.zeros((2, K), dtype=np.float32)
+    x[:, -1] = [2e34, -3e35]  # last column: the scalar tail of the vector loops
+    x[:, 0] = 1.0
+    q = np.zeros((4, K), dtype=np.int8)
+    q[:, -1], q[:, 0] = [100, -100, 1, 0], 7
+    scales, bias = np.full(4, 1e-30, np.float32), np.zeros(4, np.float32)
+    out, expected = np.empty((2, 4), np.float32), np.empty((2, 4), np.float32)
+    matmul_rows(x, q, scales, bias, out)
+    _matmul_float(x, q, scales, bias, expected)
+    np.testing.assert_array_equal(out, expected)
+    assert out[0, 0] == pytest.approx(2e6) and out[1, 1] == pytest.approx(3e7)
+
+
+def test_int8_weights_in_another_layout_take_the_float_path() -> None:
+    from bigmodel.models.gpt_numba import _matmul_float, matmul_rows
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    q = np.asfortranarray(rng.integers(-127, 128, (24, 40)).astype(np.int8))
+    scales, bias = np.ones(24, np.float32), np.zeros(24, np.float32)
+    out, expected = np.empty((2, 24), np.float32), np.empty((2, 24), np.float32)
+    matmul_rows(x, q, scales, bias, out)
+    _matmul_float(x, q, scales, bias, expected)
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_int8_linear_with_a_non_contiguous_weight_buffer(monkeypatch: pytest.MonkeyPatch) -> None:

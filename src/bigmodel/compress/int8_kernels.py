@@ -5,9 +5,10 @@ the rate at which weights stream from memory. The kernel (`matmul_rows` in model
 compiled decoding step uses too) reads the int8 weights directly: four times fewer bytes than fp32
 weights. It rounds each activation row to int16 on its own scale (at most 1/65534 of the row's largest
 value, ~250x finer than the weights' own int8 step) so that the CPU multiplies and adds 16 weights per
-instruction, and sums the products exactly in integers. fbgemm's int8 kernels round activations to 7 bits
-instead. Perplexity through decoding steps equals the forward's (float activations) to 1e-6 relative
-(benchmarks/int8_quality.py); speed against fbgemm and fp32 is in benchmarks/generate_speed.py.
+instruction, and sums the products in integers (exact up to the final conversion to float32). fbgemm's
+int8 kernels round activations to 7 bits instead. On a demo model, perplexity through decoding steps
+equals the forward's (float activations) to 1e-7 relative (benchmarks/int8_quality.py); speed against
+fbgemm and fp32 is in benchmarks/generate_speed.py.
 
 numba is optional: `available()` is False without it, and `compress/quantize.py` then uses fbgemm.
 The kernel compiles on first use (a second or two, cached on disk by numba afterwards).

@@ -157,8 +157,9 @@ _dot4: Any = intrinsic(_dot4_typing)
 @_jit
 def _round_rows(x: Any, xq: Any, step: Any) -> None:
     """xq (M, K) int16 = round(x / step) with step (M,) = max|x[m]| / 32767 per row; step is NaN for the
-    rows left to the float kernel: those holding NaN or inf, and those whose values are all below 1e-30
-    (their step would underflow), zero rows included."""
+    rows left to the float kernel: those holding NaN or inf, those whose values are all below 1e-30
+    (their step would underflow), zero rows included, and those holding a value above 1e30 (the fast-math
+    flags may compute x * 32767 / max|x|, which overflows float32 beyond ~1e34)."""
     M, K = x.shape
     for m in range(M):
         top, total = np.float32(0.0), np.float32(0.0)
@@ -166,7 +167,7 @@ def _round_rows(x: Any, xq: Any, step: Any) -> None:
             top = max(top, abs(x[m, k]))
             total += x[m, k]  # NaN or inf anywhere makes it non-finite (max() would skip a NaN)
         # (not np.isfinite: it tests x - x == 0, which the fast-math flags fold to True)
-        if not abs(total) < np.inf or not top >= np.float32(1e-30):
+        if not abs(total) < np.inf or not np.float32(1e-30) <= top <= np.float32(1e30):
             step[m] = np.nan
             continue
         s = top / np.float32(32767.0)
@@ -178,18 +179,17 @@ def _round_rows(x: Any, xq: Any, step: Any) -> None:
 
 @_jit
 def _dot_long(xq: Any, w: Any) -> Any:
-    """float32 of xq . w for rows longer than _CHUNK or not a multiple of 16: int32 sums of _CHUNK elements
-    at a time, then the last K % 16 elements. (Slower per element than one _dot1 call: the short case
-    takes that.)"""
+    """float32 of xq . w for rows longer than _CHUNK or not a multiple of 16: _dot1 over _CHUNK elements
+    at a time, then the last K % 16 elements, all summed in int64. (Slower per element than one _dot1
+    call: the short case takes that.)"""
     K = xq.shape[0]
     body = K - K % 16
-    total = np.float32(0.0)
+    total = np.int64(0)
     for k0 in range(0, body, _CHUNK):
-        total += np.float32(_dot1(xq, w, k0, min(_CHUNK, body - k0)))
-    rest = np.int32(0)
+        total += _dot1(xq, w, k0, min(_CHUNK, body - k0))
     for k in range(body, K):
-        rest += np.int32(xq[k]) * np.int32(w[k])
-    return total + np.float32(rest)
+        total += np.int64(xq[k]) * np.int64(w[k])
+    return np.float32(total)
 
 
 PREFETCH_BYTES = 16384  # how far ahead of its weight row a thread asks for the next rows (int8, M < 4)
@@ -242,14 +242,14 @@ def _matmul_int8(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
             else:
                 a0, a1 = _dot_long(xq[m], wn), _dot_long(xq[m + 1], wn)
                 a2, a3 = _dot_long(xq[m + 2], wn), _dot_long(xq[m + 3], wn)
-            out[m, n] = a0 * (sn * step[m]) + bn
-            out[m + 1, n] = a1 * (sn * step[m + 1]) + bn
-            out[m + 2, n] = a2 * (sn * step[m + 2]) + bn
-            out[m + 3, n] = a3 * (sn * step[m + 3]) + bn
+            out[m, n] = a0 * sn * step[m] + bn
+            out[m + 1, n] = a1 * sn * step[m + 1] + bn
+            out[m + 2, n] = a2 * sn * step[m + 2] + bn
+            out[m + 3, n] = a3 * sn * step[m + 3] + bn
             m += 4
         while m < M:  # the rest, one row at a time (a decoding step of batch 1 is only this)
             a0 = np.float32(_dot1(xq[m], wn, 0, K)) if short else _dot_long(xq[m], wn)
-            out[m, n] = a0 * (sn * step[m]) + bn
+            out[m, n] = a0 * sn * step[m] + bn
             m += 1
     for m in range(M):
         if step[m] != step[m]:  # a row left to float32 products (see _round_rows)
@@ -263,7 +263,7 @@ def _matmul(x, w, scales, bias, out):  # (no annotations: numba compares the two
 
 @overload(_matmul, jit_options={"fastmath": _FASTMATH, "nogil": True, "error_model": "numpy"})
 def _matmul_overload(x, w, scales, bias, out):
-    if isinstance(w, types.Array) and w.dtype == types.int8:
+    if isinstance(w, types.Array) and w.dtype == types.int8 and w.layout == "C":  # _dot1/_dot4 read whole rows
         return lambda x, w, scales, bias, out: _matmul_int8(x, w, scales, bias, out)
     return lambda x, w, scales, bias, out: _matmul_float(x, w, scales, bias, out)
 
@@ -273,7 +273,8 @@ def matmul_rows(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
     """out (M, N) = x (M, K) @ (w (N, K) * scales (N,)[:, None]).T + bias (N,), in float32.
 
     w is float32 (scales of one), computed in float32; or int8 (scaled rows), computed with each
-    activation row rounded to int16 on its own scale and exact int32 sums (`_matmul_int8`). Parallel over
+    activation row rounded to int16 on its own scale and integer sums, exact up to their conversion to
+    float32 (`_matmul_int8`; int8 weights that are not C-contiguous take the float32 path). Parallel over
     output rows: each thread streams its share of the weight rows once, whatever M is.
     """
     _matmul(x, w, scales, bias, out)
