@@ -6,12 +6,14 @@ treated as read-only by the tests that use them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -237,3 +239,14 @@ def split_documents(ids: np.ndarray, eot_id: int) -> list[list[int]]:
             cur.append(t)
     assert not cur, "the split does not end with an end-of-text token"
     return docs
+
+
+def load_benchmark(filename: str) -> ModuleType:
+    """A script of benchmarks/ imported as a module (they are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / filename
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -12,17 +11,12 @@ import pytest
 from bigmodel.data.loader import TokenShards, eval_batches
 from bigmodel.generation import cast_for_inference
 from bigmodel.models.gpt import GPT
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("int8_quality_bench", REPO / "benchmarks" / "int8_quality.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("int8_quality.py")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])
