@@ -22,6 +22,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import numpy as np
 import torch
@@ -64,10 +65,10 @@ def _compiled_sum() -> Callable[[np.ndarray], float] | None:
     return total
 
 
-def read_bandwidth(mb: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a streaming read over a buffer larger than the caches: the best of `repeats` runs of torch's
-    sum and of a compiled parallel sum (numba), whichever is faster. torch's sum alone stays ~20% below what
-    plain loads reach here, and the fp32 decoding kernels read their weights faster than it."""
+@functools.cache
+def _readers(mb: int) -> tuple[int, list[Callable[[], object]]]:
+    """A buffer of `mb` MB (larger than the caches) and the ways to read it, built and compiled once: the
+    run measures bandwidth after every row."""
     buf = torch.ones(mb * 1024 * 1024 // 4)
     readers: list[Callable[[], object]] = [buf.sum]
     compiled = _compiled_sum()
@@ -75,12 +76,20 @@ def read_bandwidth(mb: int = 512, repeats: int = 5) -> float:
         arr = buf.numpy()
         compiled(arr[:1024])  # compile outside the timing
         readers.append(lambda: compiled(arr))
+    return buf.numel() * 4, readers
+
+
+def read_bandwidth(mb: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a streaming read over a buffer larger than the caches: the best of `repeats` runs of torch's
+    sum and of a compiled parallel sum (numba), whichever is faster. torch's sum alone stays ~20% below what
+    plain loads reach here, and the fp32 decoding kernels read their weights faster than it."""
+    size, readers = _readers(mb)
     best = 0.0
     for read in readers:
         for _ in range(repeats):
             t0 = time.perf_counter()
             read()
-            best = max(best, buf.numel() * 4 / (time.perf_counter() - t0))
+            best = max(best, size / (time.perf_counter() - t0))
     return best
 
 
@@ -126,14 +135,12 @@ def main() -> None:
         "bigmodel fp32": ours,
         "bigmodel bf16": cast_for_inference(copy.deepcopy(ours), "bf16"),
     }
-    before = os.environ.pop("BIGMODEL_INT8_KERNEL", None)
-    for kernel in [k for k in KERNELS if available(k)] or [None]:  # every CPU int8 kernel here, the default first
-        if kernel:
-            os.environ["BIGMODEL_INT8_KERNEL"] = kernel
-        variants[f"bigmodel int8 {kernel or 'int8pack'}"] = cast_for_inference(copy.deepcopy(ours), "int8")
-    os.environ.pop("BIGMODEL_INT8_KERNEL", None)
-    if before is not None:
-        os.environ["BIGMODEL_INT8_KERNEL"] = before
+    with mock.patch.dict(os.environ):  # the user's environment comes back afterwards
+        os.environ.pop("BIGMODEL_INT8_KERNEL", None)
+        for kernel in [k for k in KERNELS if available(k)] or [None]:  # every CPU int8 kernel, the default first
+            if kernel:
+                os.environ["BIGMODEL_INT8_KERNEL"] = kernel
+            variants[f"bigmodel int8 {kernel or 'int8pack'}"] = cast_for_inference(copy.deepcopy(ours), "int8")
     op_by_op = {
         f"{name} op by op": variants[name] for name in ("bigmodel fp32", "bigmodel int8 numba") if name in variants
     }
@@ -157,21 +164,17 @@ def main() -> None:
             ref = hf.generate(ids, **hf_kwargs)
         same = torch.equal(ours.generate(ids, max_new_tokens=args.new), ref)
         rows = {}  # name -> (seconds, read bandwidth next to the timing)
-        compiled_before = os.environ.get("BIGMODEL_COMPILED_STEP")
         for name, model in {"transformers fp32": hf, **variants}.items():
-            if name.startswith("transformers"):
-                run = functools.partial(hf.generate, ids, **hf_kwargs)
-            else:
-                os.environ["BIGMODEL_COMPILED_STEP"] = "0" if name in op_by_op else "1"
-                run = functools.partial(model.generate, ids, max_new_tokens=args.new)
-            before = bw  # the measurement that ended the previous row
-            sec = timed(run, args.repeats)
+            with mock.patch.dict(os.environ, {"BIGMODEL_COMPILED_STEP": "0" if name in op_by_op else "1"}):
+                if name.startswith("transformers"):
+                    run = functools.partial(hf.generate, ids, **hf_kwargs)
+                else:
+                    run = functools.partial(model.generate, ids, max_new_tokens=args.new)
+                before = bw  # the measurement that ended the previous row
+                sec = timed(run, args.repeats)
             bw = read_bandwidth(repeats=3)
             rows[name] = (sec, max(before, bw))
             best_bw = max(best_bw, bw)
-        os.environ.pop("BIGMODEL_COMPILED_STEP")
-        if compiled_before is not None:
-            os.environ["BIGMODEL_COMPILED_STEP"] = compiled_before
         base = batch * args.new / rows["transformers fp32"][0]
         print(
             f"\nbatch {batch} (greedy tokens identical to transformers in fp32: {same}; "

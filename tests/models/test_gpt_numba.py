@@ -14,6 +14,7 @@ from bigmodel.models.gpt import GPT
 from conftest import tiny_gpt
 
 pytestmark = pytest.mark.skipif(not int8_kernels.available(), reason="needs numba")
+gpt_numba = int8_kernels.compiled()  # models/gpt_numba.py (None without numba: every test is skipped)
 
 V = 50
 PROMPTS = [[3, 14, 15, 9, 2], [6, 5], [35, 8, 9, 7, 9, 3, 2, 3], [1]]  # ragged: left-padded rows
@@ -34,8 +35,7 @@ def _run(model: GPT, prompts: list[list[int]], compiled: bool, monkeypatch: pyte
 @pytest.mark.parametrize("bias", [True, False])
 def test_compiled_steps_equal_op_by_op_steps(dtype: str, bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model(dtype, bias)
-    from bigmodel.models.gpt_numba import CompiledDecoder
-
+    CompiledDecoder = gpt_numba.CompiledDecoder
     calls = []
     step = CompiledDecoder.__call__
     monkeypatch.setattr(CompiledDecoder, "__call__", lambda self, *a: calls.append(1) or step(self, *a))
@@ -98,7 +98,7 @@ def test_compiled_decoder_declines_what_it_cannot_run(monkeypatch: pytest.Monkey
 def test_a_failing_compiled_step_warns_and_continues_op_by_op(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model("int8")
     ref_tokens, ref_logprobs = _run(model, PROMPTS, False, monkeypatch)
-    from bigmodel.models.gpt_numba import CompiledDecoder
+    CompiledDecoder = gpt_numba.CompiledDecoder
 
     def broken(self, tokens, positions):  # type: ignore[no-untyped-def]
         raise RuntimeError("simulated kernel failure")
@@ -113,8 +113,6 @@ def test_a_failing_compiled_step_warns_and_continues_op_by_op(monkeypatch: pytes
 def test_a_step_failing_in_the_head_leaves_the_cache_for_the_op_by_op_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """The layers have written this step's keys and values when the head fails: the fallback must redo the
     step at the same cache position."""
-    from bigmodel.models import gpt_numba
-
     model = _model("int8")
     ref_tokens, ref_logprobs = _run(model, PROMPTS, False, monkeypatch)
     head_step, calls = gpt_numba.head_step, []
@@ -157,8 +155,6 @@ def test_hooks_and_swapped_layers_decode_op_by_op(monkeypatch: pytest.MonkeyPatc
 
 def test_unusable_kernels_fall_back_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     """In a child forked after the kernels ran (numba's OpenMP would terminate it) nothing calls numba."""
-    from bigmodel.models import gpt_numba
-
     model = _model("int8")
     ref_tokens, _ = _run(model, PROMPTS, False, monkeypatch)
     monkeypatch.setattr(gpt_numba, "_usable", False)
@@ -169,8 +165,6 @@ def test_unusable_kernels_fall_back_everywhere(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_gelu_matches_torch_over_the_whole_range() -> None:
-    from bigmodel.models import gpt_numba
-
     x = torch.cat([torch.linspace(-40, 40, 20001), torch.tensor([-1e30, 1e30, float("nan")])])[None, :]
     got = x.clone()
     gpt_numba._gelu_tanh(got.numpy())
@@ -215,13 +209,19 @@ def _int16_reference(x: np.ndarray, q: np.ndarray, scales: np.ndarray, bias: np.
     return (xq @ q.T.astype(np.float64)) * step * scales[None, :] + bias[None, :], slack
 
 
+def _int8_and_float(x: np.ndarray, q: np.ndarray, scales: np.ndarray, bias: np.ndarray) -> tuple:
+    """matmul_rows' output for these int8 weights, and the float kernel's (float32 products) beside it."""
+    out, float_out = np.empty((x.shape[0], q.shape[0]), np.float32), np.empty((x.shape[0], q.shape[0]), np.float32)
+    gpt_numba.matmul_rows(x, q, scales, bias, out)
+    gpt_numba._matmul_float(x, q, scales, bias, float_out)
+    return out, float_out
+
+
 # K: one vectorised call (multiples of 16 up to 4096); a tail of K % 16; chunks of 4096 plus a tail.
 # M: single rows, one block of four, blocks of four plus single rows.
 @pytest.mark.parametrize("K", [16, 48, 40, 3, 4096, 4112, 8200])
 @pytest.mark.parametrize("M", [1, 4, 7])
 def test_int8_matmul_rows_computes_exact_int16_products(K: int, M: int) -> None:
-    from bigmodel.models.gpt_numba import matmul_rows
-
     rng = np.random.default_rng(K * 10 + M)
     N = 37
     x = (rng.standard_normal((M, K)) * rng.uniform(0.01, 100, (M, 1))).astype(np.float32)
@@ -231,7 +231,7 @@ def test_int8_matmul_rows_computes_exact_int16_products(K: int, M: int) -> None:
     scales = rng.uniform(1e-3, 1.0, N).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
     out = np.empty((M, N), dtype=np.float32)
-    matmul_rows(x, q, scales, bias, out)
+    gpt_numba.matmul_rows(x, q, scales, bias, out)
     expected, slack = _int16_reference(x, q, scales, bias)
     magnitude = np.abs(x).max(1, keepdims=True) * np.abs(q).sum(1)[None, :] * scales[None, :]
     # float32 scaling only (the sums are exact), plus halfway values rounded the other way
@@ -240,15 +240,13 @@ def test_int8_matmul_rows_computes_exact_int16_products(K: int, M: int) -> None:
 
 def test_int8_kernel_saturated_rows_do_not_overflow() -> None:
     """Every product at its largest, all of one sign, over 4096 elements (one int32 chunk) and beyond."""
-    from bigmodel.models.gpt_numba import matmul_rows
-
     for K in (4096, 8192 + 16):
         x = np.ones((5, K), dtype=np.float32)
         x[1] *= -1
         q = np.full((3, K), 127, dtype=np.int8)
         q[2] = -127
         out = np.empty((5, 3), dtype=np.float32)
-        matmul_rows(x, q, np.ones(3, np.float32), np.zeros(3, np.float32), out)
+        gpt_numba.matmul_rows(x, q, np.ones(3, np.float32), np.zeros(3, np.float32), out)
         assert np.allclose(out[0], [127 * K, 127 * K, -127 * K], rtol=1e-6)
         assert np.allclose(out[1], [-127 * K, -127 * K, 127 * K], rtol=1e-6)
 
@@ -256,8 +254,6 @@ def test_int8_kernel_saturated_rows_do_not_overflow() -> None:
 def test_int8_kernel_zero_tiny_and_non_finite_rows() -> None:
     """A zero row gives the bias; rows with NaN or inf, or too small to scale to int16 (their step would
     underflow), take float32 products, as the float kernel computes them."""
-    from bigmodel.models.gpt_numba import _matmul_float, matmul_rows
-
     rng = np.random.default_rng(0)
     x = rng.standard_normal((7, 64)).astype(np.float32)
     x[0] = 0.0
@@ -267,15 +263,12 @@ def test_int8_kernel_zero_tiny_and_non_finite_rows() -> None:
     x[6] *= 1e-41  # denormal values: max|x| / 32767 would round to 0 or nearly
     q = rng.integers(-127, 128, (9, 64)).astype(np.int8)
     scales, bias = rng.uniform(0.1, 1, 9).astype(np.float32), rng.standard_normal(9).astype(np.float32)
-    out, float_out = np.empty((7, 9), np.float32), np.empty((7, 9), np.float32)
-    matmul_rows(x, q, scales, bias, out)
-    _matmul_float(x, q, scales, bias, float_out)
+    out, float_out = _int8_and_float(x, q, scales, bias)
     assert np.array_equal(out[0], bias)
     assert np.isnan(out[2]).all()
     np.testing.assert_array_equal(out[3:5], float_out[3:5])  # +-inf or NaN, element by element as float32
-    zero = np.zeros(9, np.float32)  # (a bias would swamp row 6's tiny products)
-    matmul_rows(x[6:], q, scales, zero, out[6:])
-    _matmul_float(x[6:], q, scales, zero, float_out[6:])
+    # row 6 again without a bias, which would swamp its tiny products
+    out[6:], float_out[6:] = _int8_and_float(x[6:], q, scales, np.zeros(9, np.float32))
     assert np.abs(float_out[6]).max() > 0
     np.testing.assert_array_equal(out[6], float_out[6])
     assert np.isfinite(out[[0, 1, 5]]).all()
@@ -285,37 +278,27 @@ def test_int8_kernel_zero_tiny_and_non_finite_rows() -> None:
 @pytest.mark.parametrize("K", [3, 19, 771])
 def test_int8_kernel_rows_with_huge_values_stay_right(K: int) -> None:
     """Values above 1e30 (x * 32767 would overflow float32) take the float kernel instead of rounding."""
-    from bigmodel.models.gpt_numba import _matmul_float, matmul_rows
-
     x = np.zeros((2, K), dtype=np.float32)
     x[:, -1] = [2e34, -3e35]  # last column: the scalar tail of the vector loops
     x[:, 0] = 1.0
     q = np.zeros((4, K), dtype=np.int8)
     q[:, -1], q[:, 0] = [100, -100, 1, 0], 7
-    scales, bias = np.full(4, 1e-30, np.float32), np.zeros(4, np.float32)
-    out, expected = np.empty((2, 4), np.float32), np.empty((2, 4), np.float32)
-    matmul_rows(x, q, scales, bias, out)
-    _matmul_float(x, q, scales, bias, expected)
+    out, expected = _int8_and_float(x, q, np.full(4, 1e-30, np.float32), np.zeros(4, np.float32))
     np.testing.assert_array_equal(out, expected)
     assert out[0, 0] == pytest.approx(2e6) and out[1, 1] == pytest.approx(3e7)
 
 
 def test_int8_weights_in_another_layout_take_the_float_path() -> None:
-    from bigmodel.models.gpt_numba import _matmul_float, matmul_rows
-
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 40)).astype(np.float32)
     q = np.asfortranarray(rng.integers(-127, 128, (24, 40)).astype(np.int8))
-    scales, bias = np.ones(24, np.float32), np.zeros(24, np.float32)
-    out, expected = np.empty((2, 24), np.float32), np.empty((2, 24), np.float32)
-    matmul_rows(x, q, scales, bias, out)
-    _matmul_float(x, q, scales, bias, expected)
+    out, expected = _int8_and_float(x, q, np.ones(24, np.float32), np.zeros(24, np.float32))
     np.testing.assert_array_equal(out, expected)
 
 
 def test_int8_linear_with_a_non_contiguous_weight_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernel reads contiguous rows: a weight buffer replaced by a strided view is made contiguous
-    for it (no wrong reads, no typing error)."""
+    """The int8 kernel reads contiguous rows: a weight buffer replaced by a strided view takes the float
+    path (no wrong reads, no typing error)."""
     monkeypatch.setenv("BIGMODEL_INT8_KERNEL", "numba")
     w = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
     lin = quantize.Int8Linear(w, None)

@@ -62,6 +62,5 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     kernels.match_torch_threads()
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    w = weight.contiguous().numpy()  # (a no-op: Int8Linear's weights are contiguous; the kernel reads rows)
-    kernels.matmul_rows(x.numpy(), w, scales.float().numpy(), bias.float().numpy(), out.numpy())
+    kernels.matmul_rows(x.numpy(), weight.numpy(), scales.float().numpy(), bias.float().numpy(), out.numpy())
     return out

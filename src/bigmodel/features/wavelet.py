@@ -435,13 +435,26 @@ def _waverec_rows(coeffs: Sequence[torch.Tensor | None], w: Wavelet, mode: str) 
     return a
 
 
+def _dwt_axis(t: torch.Tensor, w: Wavelet, mode: str, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, lead = _rows(t, axis)
+    a, d = _wavedec_rows(rows, w, mode, 1)
+    return _unrows(a, lead, axis), _unrows(d, lead, axis)
+
+
+def _idwt_axis(a: torch.Tensor | None, d: torch.Tensor | None, w: Wavelet, mode: str, axis: int) -> torch.Tensor:
+    ref = a if a is not None else d
+    assert ref is not None
+    ra, lead = _rows(a, axis) if a is not None else (None, ())
+    rd, lead = _rows(d, axis) if d is not None else (None, lead)
+    return _unrows(_waverec_rows([ra, rd], w, mode), lead, axis)
+
+
 def dwt(x: Any, wavelet: str | Wavelet = "db4", mode: str = "symmetric", axis: int = -1) -> tuple[Any, Any]:
     """One level of the DWT along `axis`: (cA, cD), like pywt.dwt. Numpy in, numpy out; tensor in, tensor out."""
     w, mode = filter_bank(wavelet), _check_mode(mode)
     t, as_numpy = _signal(x)
-    rows, lead = _rows(t, axis)
-    a, d = _wavedec_rows(rows, w, mode, 1)
-    return same_kind(_unrows(a, lead, axis), as_numpy), same_kind(_unrows(d, lead, axis), as_numpy)
+    a, d = _dwt_axis(t, w, mode, axis)
+    return same_kind(a, as_numpy), same_kind(d, as_numpy)
 
 
 def idwt(cA: Any, cD: Any, wavelet: str | Wavelet = "db4", mode: str = "symmetric", axis: int = -1) -> Any:
@@ -454,11 +467,7 @@ def idwt(cA: Any, cD: Any, wavelet: str | Wavelet = "db4", mode: str = "symmetri
     d = _coef(cD, a)
     if a is not None and d is not None and a.shape != d.shape:
         raise ValueError(f"cA and cD must have the same shape, got {tuple(a.shape)} and {tuple(d.shape)}")
-    ref = a if a is not None else d
-    assert ref is not None
-    ra, lead = _rows(a, axis) if a is not None else (None, ())
-    rd, lead = _rows(d, axis) if d is not None else (None, lead)
-    return same_kind(_unrows(_waverec_rows([ra, rd], w, mode), lead, axis), as_numpy)
+    return same_kind(_idwt_axis(a, d, w, mode, axis), as_numpy)
 
 
 def wavedec(
@@ -502,20 +511,6 @@ def _axes(t: torch.Tensor, axes: tuple[int, int]) -> tuple[int, int]:
     if a0 is None or a1 is None or a0 == a1:
         raise ValueError(f"axes={axes} must be two different axes of an input of shape {tuple(t.shape)}")
     return a0, a1
-
-
-def _dwt_axis(t: torch.Tensor, w: Wavelet, mode: str, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, lead = _rows(t, axis)
-    a, d = _wavedec_rows(rows, w, mode, 1)
-    return _unrows(a, lead, axis), _unrows(d, lead, axis)
-
-
-def _idwt_axis(a: torch.Tensor | None, d: torch.Tensor | None, w: Wavelet, mode: str, axis: int) -> torch.Tensor:
-    ref = a if a is not None else d
-    assert ref is not None
-    ra, lead = _rows(a, axis) if a is not None else (None, ())
-    rd, lead = _rows(d, axis) if d is not None else (None, lead)
-    return _unrows(_waverec_rows([ra, rd], w, mode), lead, axis)
 
 
 def _dwt2(

@@ -459,7 +459,7 @@ def _linear(module: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
             return None
         n = q.shape[0]
         scales, bias = _f32(module.scales, n, 1.0), _f32(module.bias, n, 0.0)
-        return None if scales is None or bias is None else (np.ascontiguousarray(q.numpy()), scales, bias)
+        return None if scales is None or bias is None else (q.numpy(), scales, bias)
     return None  # a subclass or another layer (LoRA, ...) computes something else
 
 
