@@ -5,13 +5,14 @@ GPT2LMHeadModel. Greedy decoding of 128 new tokens after a 32-token prompt, at b
 transformers (fp32), bigmodel fp32, bf16 and int8 (each CPU int8 kernel installed: numba, fbgemm). The
 fp32 and numba-int8 rows run the compiled decoding step (models/gpt_numba.py); their "op by op" rows run
 the same model with BIGMODEL_COMPILED_STEP=0, the PyTorch forward of every step.
-Prints tokens/s (new tokens, prefill included, best of --repeats), the ratio to transformers, and the
-fraction of the memory-bandwidth limit: weight bytes read per decoding step against the machine's measured
-read bandwidth. The host's bandwidth drifts by up to 30% within minutes, so it is measured right before
-and right after each row's timings; "of limit" uses the larger of those two, "of best limit" the best
-bandwidth measured anywhere in the run (a stricter figure for rows timed while the host was slow).
+Prints tokens/s (new tokens, prefill included), the ratio to transformers, and the fraction of the
+memory-bandwidth limit: weight bytes read per decoding step against the machine's measured read bandwidth.
+The host's bandwidth drifts by up to 30% within minutes, and a neighbour on the host slows compute-heavy
+kernels more than plain reads, so every row is timed once per round, `--repeats` rounds, with the
+bandwidth measured after each round: a row's figure is its best round (its median beside it), and the
+limit is the best bandwidth of the run.
 
-    python benchmarks/generate_speed.py [--new 128] [--repeats 2] [--batches 1 8]
+    python benchmarks/generate_speed.py [--new 128] [--repeats 3] [--batches 1 8]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import copy
 import functools
 import os
+import statistics
 import time
 from collections.abc import Callable
 from unittest import mock
@@ -106,19 +108,28 @@ def weight_bytes(model: torch.nn.Module) -> int:
     )
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
+def hf_generate(hf: torch.nn.Module, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """transformers' greedy generate of exactly `new` tokens."""
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    return hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **kwargs)  # type: ignore[operator]
+
+
+def time_generate(model: torch.nn.Module, ids: torch.Tensor, new: int, compiled_step: bool) -> float:
+    """Seconds of one greedy generate of `new` tokens: ours (with or without the compiled decoding step) or
+    transformers'."""
+    with mock.patch.dict(os.environ, {"BIGMODEL_COMPILED_STEP": "1" if compiled_step else "0"}):
         t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        if isinstance(model, GPT):
+            model.generate(ids, max_new_tokens=new)
+        else:
+            hf_generate(model, ids, new)
+        return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of every row")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -132,7 +143,7 @@ def main() -> None:
     hf.load_state_dict(to_hf_state_dict(ours), strict=False)
     hf.tie_weights()
     variants = {
-        "bigmodel fp32": ours,
+        "bigmodel fp32": cast_for_inference(ours, "fp32"),  # as `bigmodel generate` does: weights on huge pages
         "bigmodel bf16": cast_for_inference(copy.deepcopy(ours), "bf16"),
     }
     with mock.patch.dict(os.environ):  # the user's environment comes back afterwards
@@ -145,50 +156,41 @@ def main() -> None:
         f"{name} op by op": variants[name] for name in ("bigmodel fp32", "bigmodel int8 numba") if name in variants
     }
     variants.update(op_by_op)
-    best_bw = bw = read_bandwidth()
+    bw = read_bandwidth()
     print(
         f"GPT-2 124M shape, random weights; prompt {PROMPT} tokens, {args.new} new tokens, greedy; "
-        f"{torch.get_num_threads()} threads; measured read bandwidth {bw / 1e9:.1f} GB/s"
+        f"{torch.get_num_threads()} threads; {args.repeats} rounds; measured read bandwidth {bw / 1e9:.1f} GB/s"
     )
 
     for batch in args.batches:
         ids = torch.randint(0, CFG.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
-        hf_kwargs = dict(
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=args.new,
-            min_new_tokens=args.new,
-            do_sample=False,
-            pad_token_id=0,
-        )
         with torch.no_grad():
-            ref = hf.generate(ids, **hf_kwargs)
+            ref = hf_generate(hf, ids, args.new)
         same = torch.equal(ours.generate(ids, max_new_tokens=args.new), ref)
-        rows = {}  # name -> (seconds, read bandwidth next to the timing)
-        for name, model in {"transformers fp32": hf, **variants}.items():
-            with mock.patch.dict(os.environ, {"BIGMODEL_COMPILED_STEP": "0" if name in op_by_op else "1"}):
-                if name.startswith("transformers"):
-                    run = functools.partial(hf.generate, ids, **hf_kwargs)
-                else:
-                    run = functools.partial(model.generate, ids, max_new_tokens=args.new)
-                before = bw  # the measurement that ended the previous row
-                sec = timed(run, args.repeats)
-            bw = read_bandwidth(repeats=3)
-            rows[name] = (sec, max(before, bw))
-            best_bw = max(best_bw, bw)
-        base = batch * args.new / rows["transformers fp32"][0]
+        models = {"transformers fp32": hf, **variants}
+
+        names = list(models)
+        for name in names:
+            time_generate(
+                models[name], ids, 2, name not in op_by_op
+            )  # warm-up: first calls load compiled kernels and allocate
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        bandwidths = [bw]
+        for _ in range(args.repeats):  # rounds of every row: drift of the host slows all rows alike
+            for name in names:
+                seconds[name].append(time_generate(models[name], ids, args.new, name not in op_by_op))
+            bandwidths.append(read_bandwidth(repeats=3))
+        bw = max(bandwidths)
+        base = batch * args.new / min(seconds["transformers fp32"])
         print(
-            f"\nbatch {batch} (greedy tokens identical to transformers in fp32: {same}; "
-            f"best read bandwidth so far {best_bw / 1e9:.1f} GB/s)"
+            f"\nbatch {batch} (greedy tokens identical to transformers in fp32: {same}; read bandwidth "
+            f"{min(bandwidths) / 1e9:.1f}-{bw / 1e9:.1f} GB/s between rounds, the limit uses the best)"
         )
-        print(f"{'':30s} {'tokens/s':>9s} {'ratio':>7s} {'bandwidth':>10s} {'of limit':>9s} {'of best limit':>14s}")
-        for name, (sec, near) in rows.items():
-            tps = batch * args.new / sec
-            model = hf if name.startswith("transformers") else variants[name]
-            steps = batch / weight_bytes(model)  # tokens/s per byte/s of read bandwidth at the limit
-            print(
-                f"{name:30s} {tps:9.1f} {tps / base:6.2f}x {near / 1e9:6.1f} GB/s "
-                f"{tps / (near * steps):8.0%} {tps / (best_bw * steps):13.0%}"
-            )
+        print(f"{'':30s} {'tokens/s':>9s} {'median':>7s} {'ratio':>7s} {'of limit':>9s} {'median':>7s}")
+        for name in names:
+            best, median = (batch * args.new / f(seconds[name]) for f in (min, statistics.median))
+            limit = bw * batch / weight_bytes(models[name])  # tokens/s if the weights streamed at the read bandwidth
+            print(f"{name:30s} {best:9.1f} {median:7.1f} {best / base:6.2f}x {best / limit:8.0%} {median / limit:7.0%}")
 
 
 if __name__ == "__main__":

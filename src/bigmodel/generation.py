@@ -451,23 +451,30 @@ def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 # ----- the command ------------------------------------------------------------------------------------------
 def cast_for_inference(model: GPT, dtype: str = "auto") -> GPT:
-    """Weights for decoding: fp32, bf16, or int8 weights (see compress/quantize.py).
+    """Weights for decoding: fp32, bf16, or int8 weights (see compress/quantize.py), in place.
 
-    auto picks bf16 where bf16 is native (GPUs with bf16, CPUs with AVX512-BF16/AMX), else fp32.
+    auto picks bf16 where bf16 is native (GPUs with bf16, CPUs with AVX512-BF16/AMX), else fp32. On a
+    Linux CPU the weights then move onto huge pages (hardware.weights_on_huge_pages): decoding streams
+    them every step.
     """
     from bigmodel import hardware
 
+    device = model.transformer.wte.weight.device
     if dtype == "auto":
-        dtype = "bf16" if hardware.native_bf16(model.transformer.wte.weight.device) else "fp32"
+        dtype = "bf16" if hardware.native_bf16(device) else "fp32"
     if dtype == "fp32":
-        return model.float()
-    if dtype == "bf16":
-        return model.to(torch.bfloat16)
-    if dtype == "int8":
+        model = model.float()
+    elif dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    elif dtype == "int8":
         from bigmodel.compress.quantize import quantize_int8
 
-        return quantize_int8(model)
-    raise ValueError(f"dtype {dtype!r} is not one of auto, fp32, bf16, int8")
+        model = quantize_int8(model)
+    else:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, fp32, bf16, int8")
+    if device.type == "cpu":
+        hardware.weights_on_huge_pages(model)
+    return model
 
 
 def load_for_inference(model_path: str, dtype: str = "auto") -> tuple[GPT, Tokenizer]:

@@ -1,9 +1,12 @@
-"""What the machine can do: bf16 support, the autocast dtype to use, and measured matmul peak FLOP/s."""
+"""What the machine can do: bf16 support, the autocast dtype to use, measured matmul peak FLOP/s, and
+weights placed on huge pages for decoding."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import mmap
+import os
 import time
 from pathlib import Path
 
@@ -68,3 +71,79 @@ def matmul_peak_flops(
             torch.cuda.synchronize()
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
     return best
+
+
+HUGE_PAGE = 2 << 20  # bytes: a transparent huge page on x86-64 and most arm64 Linux kernels
+
+
+def huge_pages_available() -> bool:
+    """Linux transparent huge pages that a program may ask for (`madvise` or `always` mode), unless
+    BIGMODEL_HUGE_PAGES=0."""
+    if os.environ.get("BIGMODEL_HUGE_PAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode
+
+
+def weights_on_huge_pages(module: torch.nn.Module, min_bytes: int = 1 << 16) -> int:
+    """Copy the module's CPU parameters and buffers of at least `min_bytes` into one memory region that
+    Linux backs with 2 MB pages, in place; returns the bytes moved (0 where huge pages are unavailable).
+
+    A decoding step reads every weight once. On 4 KB pages that is a TLB miss every 4 KB, and the CPU's
+    prefetchers stop at every page boundary: with the weights on 2 MB pages, batch-1 decoding here was
+    ~10% faster (benchmarks/generate_speed.py). The tensors keep their identity (parameters get new
+    `.data`, tied weights stay tied), their values and their dtypes; each gets its own storage inside
+    the region, so saving and copying behave as before. Tensors that share storage with another one are
+    left where they are.
+    """
+    if not huge_pages_available():
+        return 0
+    found: dict[int, tuple[torch.nn.Module, str, str, torch.Tensor]] = {}
+    owners: dict[int, set[int]] = {}  # storage address -> the tensors using it
+    for mod in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(mod, kind).items():
+                if t is None or t.device.type != "cpu" or t.numel() == 0:
+                    continue
+                owners.setdefault(t.untyped_storage().data_ptr(), set()).add(id(t))
+                if t.nbytes >= min_bytes and id(t) not in found:
+                    found[id(t)] = (mod, kind, name, t)
+    moving = [f for f in found.values() if len(owners[f[3].untyped_storage().data_ptr()]) == 1]
+    if not moving:
+        return 0
+    padded = [t.nbytes + (-t.nbytes) % 64 for *_, t in moving]  # each tensor starts on a cache line
+    region = mmap.mmap(-1, sum(padded) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)  # before the first write: the pages are allocated as huge ones
+    start = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
+    offset = (-start) % HUGE_PAGE
+    for (mod, kind, name, t), size in zip(moving, padded, strict=True):
+        new = torch.frombuffer(region, dtype=t.dtype, count=t.numel(), offset=offset).view(t.shape)
+        new.copy_(t.detach())
+        if kind == "_parameters":
+            t.data = new  # the same Parameter object: optimisers, ties and hooks still see it
+        else:
+            mod._buffers[name] = new
+        offset += size
+    return sum(t.nbytes for *_, t in moving)
+
+
+def huge_page_bytes(t: torch.Tensor) -> int:
+    """Bytes of huge pages backing the memory mapping that holds `t` (Linux; 0 elsewhere). The kernel may
+    fall back to 4 KB pages when it has no free 2 MB ones: this says what it did."""
+    address = t.data_ptr()
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return 0
+    inside = False
+    for line in lines:
+        first = line.split(maxsplit=1)[0] if line else ""
+        if "-" in first and not first.endswith(":"):  # a mapping's header: "start-end perms ..."
+            lo, hi = (int(a, 16) for a in first.split("-"))
+            inside = lo <= address < hi
+        elif inside and first == "AnonHugePages:":
+            return int(line.split()[1]) * 1024
+    return 0

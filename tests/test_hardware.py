@@ -1,0 +1,115 @@
+"""hardware.weights_on_huge_pages: weights move into one huge-page region and the model computes as before."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigmodel import hardware
+from bigmodel.compress.quantize import quantize_int8
+from bigmodel.config import GPTConfig
+from bigmodel.generation import cast_for_inference
+from bigmodel.models.gpt import GPT
+
+needs_huge_pages = pytest.mark.skipif(
+    not hardware.huge_pages_available(), reason="no transparent huge pages (not Linux, or THP set to never)"
+)
+
+
+def _gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
+
+
+def _thp_fallbacks() -> int:
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("thp_fault_fallback "):
+            return int(line.split()[1])
+    return 0
+
+
+@needs_huge_pages
+def test_weights_move_keep_their_values_identity_and_ties() -> None:
+    model = _gpt()
+    before = {name: (p, p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+    ids = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(1))
+    expected = model.generate(ids, max_new_tokens=10)
+
+    moved = hardware.weights_on_huge_pages(model, min_bytes=4096)
+
+    big = [p for p, *_ in before.values() if p.nbytes >= 4096]
+    assert moved == sum(p.nbytes for p in big) > 0
+    for name, p in model.named_parameters():
+        obj, address, value = before[name]
+        assert p is obj  # the same Parameter: optimisers and ties see the new memory
+        assert torch.equal(p, value) and p.dtype == value.dtype
+        assert (p.data_ptr() != address) == (p.nbytes >= 4096), name
+    assert model.lm_head.weight is model.transformer.wte.weight
+    starts = sorted(p.data_ptr() for p in big)
+    assert starts[0] % hardware.HUGE_PAGE == 0 and all(a % 64 == 0 for a in starts)
+    assert torch.equal(model.generate(ids, max_new_tokens=10), expected)
+
+
+@needs_huge_pages
+def test_the_region_is_backed_by_huge_pages() -> None:
+    """At least one 2 MB page, unless the kernel reported that it had none free (a fallback)."""
+    model = GPT(GPTConfig(vocab_size=8192, block_size=64, n_layer=1, n_head=2, n_embd=256))  # 8 MB of wte
+    fallbacks = _thp_fallbacks()
+    assert hardware.weights_on_huge_pages(model) > 0
+    backed = hardware.huge_page_bytes(model.transformer.wte.weight)
+    if backed == 0 and _thp_fallbacks() > fallbacks:
+        pytest.skip("the kernel had no free huge pages (thp_fault_fallback rose)")
+    assert backed >= hardware.HUGE_PAGE
+
+
+@needs_huge_pages
+def test_moved_int8_model_saves_copies_and_decodes_the_same(tmp_path: Path) -> None:
+    model = quantize_int8(_gpt())
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(2))
+    expected = model.generate(ids, max_new_tokens=12)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert hardware.weights_on_huge_pages(model, min_bytes=4096) > 0
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model.generate(ids, max_new_tokens=12), expected)  # through the compiled step
+    assert torch.equal(copy.deepcopy(model).generate(ids, max_new_tokens=12), expected)
+
+    fp32 = _gpt()
+    hardware.weights_on_huge_pages(fp32, min_bytes=4096)
+    fp32.save_pretrained(tmp_path)  # safetensors: each tensor has its own storage inside the region
+    loaded = GPT.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(fp32.state_dict().values(), loaded.state_dict().values(), strict=True))
+
+
+@needs_huge_pages
+def test_tensors_sharing_storage_and_small_ones_stay() -> None:
+    holder = torch.nn.Module()
+    whole = torch.randn(64, 1024)
+    holder.register_buffer("first", whole[:32])
+    holder.register_buffer("second", whole[32:])  # a view of the same storage
+    holder.register_buffer("small", torch.randn(4))
+    holder.lin = torch.nn.Linear(256, 256)
+    moved = hardware.weights_on_huge_pages(holder, min_bytes=4096)
+    assert moved == holder.lin.weight.nbytes
+    assert holder.first.data_ptr() == whole.data_ptr() and holder.second.data_ptr() == whole[32:].data_ptr()
+
+
+def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BIGMODEL_HUGE_PAGES", "0")
+    model = _gpt()
+    address = model.transformer.wte.weight.data_ptr()
+    assert not hardware.huge_pages_available()
+    assert hardware.weights_on_huge_pages(model) == 0
+    assert cast_for_inference(model, "fp32").transformer.wte.weight.data_ptr() == address
+
+
+@needs_huge_pages
+def test_cast_for_inference_moves_cpu_weights() -> None:
+    model = cast_for_inference(GPT(GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=2, n_embd=128)), "int8")
+    start = model.transformer.wte.weight.data_ptr()  # the first large tensor met: the region's start
+    assert start % hardware.HUGE_PAGE == 0
+    end = start + sum(t.nbytes + 64 for t in [*model.parameters(), *model.buffers()])
+    int8 = [m.weight_int8 for m in model.modules() if hasattr(m, "weight_int8") and m.weight_int8.nbytes >= 1 << 16]
+    assert int8 and all(start < t.data_ptr() < end for t in int8)
