@@ -10,7 +10,7 @@ memory-bandwidth limit: weight bytes read per decoding step against the machine'
 The host's bandwidth drifts by up to 30% within minutes, and a neighbour on the host slows compute-heavy
 kernels more than plain reads, so every row is timed once per round, `--repeats` rounds, with the
 bandwidth measured after each round: a row's figure is its best round (its median beside it), and the
-limit is the best bandwidth of the run.
+limit is the best bandwidth measured so far in the run.
 
     python benchmarks/generate_speed.py [--new 128] [--repeats 3] [--batches 1 8]
 """
@@ -168,12 +168,9 @@ def main() -> None:
             ref = hf_generate(hf, ids, args.new)
         same = torch.equal(ours.generate(ids, max_new_tokens=args.new), ref)
         models = {"transformers fp32": hf, **variants}
-
         names = list(models)
-        for name in names:
-            time_generate(
-                models[name], ids, 2, name not in op_by_op
-            )  # warm-up: first calls load compiled kernels and allocate
+        for name in names:  # warm-up: first calls load compiled kernels and allocate
+            time_generate(models[name], ids, 2, name not in op_by_op)
         seconds: dict[str, list[float]] = {name: [] for name in names}
         bandwidths = [bw]
         for _ in range(args.repeats):  # rounds of every row: drift of the host slows all rows alike

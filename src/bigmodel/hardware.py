@@ -93,8 +93,8 @@ def weights_on_huge_pages(module: torch.nn.Module, min_bytes: int = 1 << 16) -> 
     Linux backs with 2 MB pages, in place; returns the bytes moved (0 where huge pages are unavailable).
 
     A decoding step reads every weight once. On 4 KB pages that is a TLB miss every 4 KB, and the CPU's
-    prefetchers stop at every page boundary: with the weights on 2 MB pages, batch-1 decoding here was
-    ~10% faster (benchmarks/generate_speed.py). The tensors keep their identity (parameters get new
+    prefetchers stop at every page boundary: on 2 MB pages, batch-1 decoding of GPT-2 124M here was 4-6%
+    faster in fp32 and 0-7% in int8 (interleaved runs). The tensors keep their identity (parameters get new
     `.data`, tied weights stay tied), their values and their dtypes; each gets its own storage inside
     the region, so saving and copying behave as before. Tensors that share storage with another one are
     left where they are.
@@ -116,7 +116,10 @@ def weights_on_huge_pages(module: torch.nn.Module, min_bytes: int = 1 << 16) -> 
         return 0
     padded = [t.nbytes + (-t.nbytes) % 64 for *_, t in moving]  # each tensor starts on a cache line
     region = mmap.mmap(-1, sum(padded) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)  # before the first write: the pages are allocated as huge ones
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)  # before the first write: the pages are allocated as huge ones
+    except OSError:  # a kernel that refuses: the weights stay where they are
+        return 0
     start = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
     offset = (-start) % HUGE_PAGE
     for (mod, kind, name, t), size in zip(moving, padded, strict=True):
