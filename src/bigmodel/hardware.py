@@ -4,6 +4,7 @@ weights placed on huge pages for decoding."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import mmap
 import os
@@ -130,7 +131,17 @@ def weights_on_huge_pages(module: torch.nn.Module, min_bytes: int = 1 << 16) -> 
         else:
             mod._buffers[name] = new
         offset += size
+    _return_freed_memory()
     return sum(t.nbytes for *_, t in moving)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap memory that freed tensors held back to the system. glibc keeps freed blocks for
+    reuse: after quantize_int8 and the move above, a GPT-2 124M process held ~700 MB more than it used."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
 
 
 def huge_page_bytes(t: torch.Tensor) -> int:
