@@ -62,6 +62,8 @@ def test_the_region_is_backed_by_huge_pages() -> None:
     backed = hardware.huge_page_bytes(model.transformer.wte.weight)
     if backed == 0 and _thp_fallbacks() > fallbacks:
         pytest.skip("the kernel had no free huge pages (thp_fault_fallback rose)")
+    if backed == 0 and hardware.mapping_fields(model.transformer.wte.weight).get("THPeligible") == 0:
+        pytest.skip("huge pages are disabled for this process (prctl PR_SET_THP_DISABLE or a container)")
     assert backed >= hardware.HUGE_PAGE
 
 
@@ -84,20 +86,47 @@ def test_moved_int8_model_saves_copies_and_decodes_the_same(tmp_path: Path) -> N
 
 
 @needs_huge_pages
-def test_tensors_sharing_storage_and_small_ones_stay() -> None:
+def test_tensors_sharing_storage_strided_and_small_ones_stay() -> None:
     holder = torch.nn.Module()
     whole = torch.randn(64, 1024)
     holder.register_buffer("first", whole[:32])
     holder.register_buffer("second", whole[32:])  # a view of the same storage
+    holder.register_buffer("columns", torch.randn(1024, 64).t())  # not contiguous
     holder.register_buffer("small", torch.randn(4))
     holder.lin = torch.nn.Linear(256, 256)
+    addresses = {name: t.data_ptr() for name, t in holder.named_buffers()}
     moved = hardware.weights_on_huge_pages(holder, min_bytes=4096)
     assert moved == holder.lin.weight.nbytes
-    assert holder.first.data_ptr() == whole.data_ptr() and holder.second.data_ptr() == whole[32:].data_ptr()
+    assert {name: t.data_ptr() for name, t in holder.named_buffers()} == addresses
 
 
-def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BIGMODEL_HUGE_PAGES", "0")
+@needs_huge_pages
+def test_shared_buffers_dtypes_and_gradients_survive_and_a_second_call_moves_nothing() -> None:
+    a, b = torch.nn.Module(), torch.nn.Module()
+    shared = torch.randn(128, 128).to(torch.bfloat16)
+    a.register_buffer("table", shared)
+    b.register_buffer("table", shared)  # one buffer object held by two modules
+    a.register_buffer("flags", torch.rand(1 << 16) > 0.5)
+    a.weight = torch.nn.Parameter(torch.randn(256, 256))
+    b.frozen = torch.nn.Parameter(torch.randn(256, 256), requires_grad=False)
+    root = torch.nn.Sequential(a, b)
+    values = {name: t.clone() for name, t in root.state_dict().items()}
+
+    assert hardware.weights_on_huge_pages(root, min_bytes=4096) > 0
+    assert a.table is b.table and a.table.data_ptr() != shared.data_ptr()  # replaced in both modules
+    assert all(torch.equal(values[k], v) and values[k].dtype == v.dtype for k, v in root.state_dict().items())
+    assert a.weight.requires_grad and not b.frozen.requires_grad
+    a.weight.sum().backward()
+    assert a.weight.grad is not None
+
+    addresses = {name: t.data_ptr() for name, t in root.state_dict().items()}
+    assert hardware.weights_on_huge_pages(root, min_bytes=4096) == 0  # already in a region
+    assert {name: t.data_ptr() for name, t in root.state_dict().items()} == addresses
+
+
+@pytest.mark.parametrize("value", ["0", "false", "OFF", "no"])
+def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("BIGMODEL_HUGE_PAGES", value)
     model = _gpt()
     address = model.transformer.wte.weight.data_ptr()
     assert not hardware.huge_pages_available()
