@@ -24,6 +24,23 @@ def _gpt(seed: int = 0) -> GPT:
     return GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
 
 
+def _smaps_fields(t: torch.Tensor) -> dict[str, int]:
+    """The numeric fields of /proc/self/smaps for the memory mapping that holds `t` (AnonHugePages in kB,
+    THPeligible 0 or 1, ...)."""
+    fields: dict[str, int] = {}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if parts and "-" in parts[0] and not parts[0].endswith(":"):  # a mapping's header: "start-end perms ..."
+            if inside:
+                break
+            lo, hi = (int(a, 16) for a in parts[0].split("-"))
+            inside = lo <= t.data_ptr() < hi
+        elif inside and len(parts) > 1 and parts[0].endswith(":") and parts[1].isdigit():
+            fields[parts[0][:-1]] = int(parts[1])
+    return fields
+
+
 def _thp_fallbacks() -> int:
     for line in Path("/proc/vmstat").read_text().splitlines():
         if line.startswith("thp_fault_fallback "):
@@ -59,10 +76,11 @@ def test_the_region_is_backed_by_huge_pages() -> None:
     model = GPT(GPTConfig(vocab_size=8192, block_size=64, n_layer=1, n_head=2, n_embd=256))  # 8 MB of wte
     fallbacks = _thp_fallbacks()
     assert hardware.weights_on_huge_pages(model) > 0
-    backed = hardware.huge_page_bytes(model.transformer.wte.weight)
+    fields = _smaps_fields(model.transformer.wte.weight)
+    backed = fields.get("AnonHugePages", 0) * 1024
     if backed == 0 and _thp_fallbacks() > fallbacks:
         pytest.skip("the kernel had no free huge pages (thp_fault_fallback rose)")
-    if backed == 0 and hardware.mapping_fields(model.transformer.wte.weight).get("THPeligible") == 0:
+    if backed == 0 and fields.get("THPeligible") == 0:
         pytest.skip("huge pages are disabled for this process (prctl PR_SET_THP_DISABLE or a container)")
     assert backed >= hardware.HUGE_PAGE
 

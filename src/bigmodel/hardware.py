@@ -93,11 +93,6 @@ def huge_pages_available() -> bool:
     return "[never]" not in mode
 
 
-def _in_a_region(address: int) -> bool:
-    _regions[:] = [r for r in _regions if r[0]() is not None]  # forget the regions whose tensors are all gone
-    return any(start <= address < end for _, start, end in _regions)
-
-
 def weights_on_huge_pages(module: torch.nn.Module, min_bytes: int = 1 << 16) -> int:
     """Copy the module's contiguous CPU parameters and buffers of at least `min_bytes` into one memory
     region that Linux backs with 2 MB pages, in place; returns the bytes moved (0 where huge pages are
@@ -114,50 +109,46 @@ def weights_on_huge_pages(module: torch.nn.Module, min_bytes: int = 1 << 16) -> 
     """
     if not huge_pages_available():
         return 0
-    places: dict[int, list[tuple[torch.nn.Module, str, str]]] = {}  # tensor -> where the module holds it
-    sizes: dict[int, int] = {}
+    _regions[:] = [r for r in _regions if r[0]() is not None]  # forget the regions whose tensors are all gone
+    # tensor -> (its storage's address, its bytes, where the module holds it)
+    found: dict[int, tuple[int, int, list[tuple[torch.nn.Module, str, str]]]] = {}
     owners: dict[int, set[int]] = {}  # storage address -> the tensors using it
     for mod in module.modules():
         for kind in ("_parameters", "_buffers"):
             for name, t in getattr(mod, kind).items():
                 if t is None or t.device.type != "cpu" or t.numel() == 0:
                     continue
-                owners.setdefault(t.untyped_storage().data_ptr(), set()).add(id(t))
-                if t.nbytes >= min_bytes and t.is_contiguous() and not _in_a_region(t.data_ptr()):
-                    places.setdefault(id(t), []).append((mod, kind, name))
-                    sizes[id(t)] = t.nbytes + (-t.nbytes) % 64  # each tensor starts on a cache line
-    moving = [key for key, where in places.items() if len(owners[_tensor(where[0]).untyped_storage().data_ptr()]) == 1]
+                storage = t.untyped_storage().data_ptr()
+                owners.setdefault(storage, set()).add(id(t))
+                moved_before = any(start <= t.data_ptr() < end for _, start, end in _regions)
+                if t.nbytes >= min_bytes and t.is_contiguous() and not moved_before:
+                    found.setdefault(id(t), (storage, t.nbytes, []))[2].append((mod, kind, name))
+    moving = [(nbytes, places) for storage, nbytes, places in found.values() if len(owners[storage]) == 1]
     if not moving:
         return 0
-    region = mmap.mmap(-1, sum(sizes[k] for k in moving) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    padded = [nbytes + (-nbytes) % 64 for nbytes, _ in moving]  # each tensor starts on a cache line
+    region = mmap.mmap(-1, sum(padded) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         region.madvise(mmap.MADV_HUGEPAGE)  # before the first write: the pages are allocated as huge ones
     except OSError:  # a kernel that refuses: the weights stay where they are
         return 0
     start = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
     _regions.append((weakref.ref(region), start, start + len(region)))
-    offset, moved = (-start) % HUGE_PAGE, 0
-    for key in moving:
-        old = _tensor(places[key][0])
+    offset = (-start) % HUGE_PAGE
+    for (_, places), size in zip(moving, padded, strict=True):
+        holder, kind, name = places[0]
+        old = getattr(holder, kind)[name]
         new = torch.frombuffer(region, dtype=old.dtype, count=old.numel(), offset=offset).view(old.shape)
         new.copy_(old.detach())
-        for mod, kind, name in places[key]:
+        for mod, kind, name in places:
             if kind == "_parameters":
                 mod._parameters[name].data = new  # type: ignore[union-attr]
             else:
                 mod._buffers[name] = new
-        moved += old.nbytes
-        offset += sizes[key]
+        offset += size
         del old  # the old copy is freed here (unless held elsewhere), not after the whole model
     _return_freed_memory()
-    return moved
-
-
-def _tensor(place: tuple[torch.nn.Module, str, str]) -> torch.Tensor:
-    mod, kind, name = place
-    t = getattr(mod, kind)[name]
-    assert t is not None
-    return t
+    return sum(nbytes for nbytes, _ in moving)
 
 
 def _return_freed_memory() -> None:
@@ -167,33 +158,3 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: its allocator decides
         pass
-
-
-def huge_page_bytes(t: torch.Tensor) -> int:
-    """Bytes of huge pages backing the memory mapping that holds `t` (Linux; 0 elsewhere). The kernel may
-    fall back to 4 KB pages when it has no free 2 MB ones: this says what it did."""
-    return mapping_fields(t).get("AnonHugePages", 0) * 1024
-
-
-def mapping_fields(t: torch.Tensor) -> dict[str, int]:
-    """The numeric fields of /proc/self/smaps for the mapping that holds `t` (AnonHugePages in kB,
-    THPeligible 0 or 1, ...); empty where there is no such file."""
-    address = t.data_ptr()
-    try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
-        return {}
-    fields: dict[str, int] = {}
-    inside = False
-    for line in lines:
-        parts = line.split()
-        if not parts:
-            continue
-        if "-" in parts[0] and not parts[0].endswith(":"):  # a mapping's header: "start-end perms ..."
-            if inside:
-                break
-            lo, hi = (int(a, 16) for a in parts[0].split("-"))
-            inside = lo <= address < hi
-        elif inside and parts[0].endswith(":") and len(parts) > 1 and parts[1].isdigit():
-            fields[parts[0][:-1]] = int(parts[1])
-    return fields
