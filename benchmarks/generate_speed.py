@@ -5,8 +5,12 @@ GPT2LMHeadModel. Greedy decoding of 128 new tokens after a 32-token prompt, at b
 transformers (fp32), bigmodel fp32, bf16 and int8 (each CPU int8 kernel installed: numba, fbgemm). The
 fp32 and numba-int8 rows run the compiled decoding step (models/gpt_numba.py); their "op by op" rows run
 the same model with BIGMODEL_COMPILED_STEP=0, the PyTorch forward of every step.
-Prints tokens/s (new tokens, prefill included), the ratio to transformers, and the fraction of the
-memory-bandwidth limit: weight bytes read per decoding step against the machine's measured read bandwidth.
+Prints tokens/s (new tokens, prefill included) and the ratio to transformers; then the decoding steps
+alone (from the first new token to the last: each step reads every weight once, the 32-token prefill is
+compute-bound and does not) as tokens/s, their ratio, and their fraction of the memory-bandwidth limit:
+weight bytes read per decoding step against the machine's measured read bandwidth. Ours run through the
+engine's step iterator (`generation.decode`, what `generate`, the CLI and the server run), transformers'
+`generate` with a streamer; both mark the time of the first new token.
 The host's bandwidth drifts by up to 30% within minutes, and a neighbour on the host slows compute-heavy
 kernels more than plain reads, so every row is timed once per round, `--repeats` rounds, with the
 bandwidth measured after each round: a row's figure is its best round (its median beside it), and the
@@ -32,7 +36,7 @@ import torch
 from bigmodel.compress import int8_kernels
 from bigmodel.compress.quantize import fbgemm_available
 from bigmodel.config import GPTConfig
-from bigmodel.generation import cast_for_inference
+from bigmodel.generation import GenerationConfig, cast_for_inference, decode
 from bigmodel.models.gpt import GPT
 from bigmodel.models.hf import to_hf_state_dict
 
@@ -108,22 +112,41 @@ def weight_bytes(model: torch.nn.Module) -> int:
     )
 
 
-def hf_generate(hf: torch.nn.Module, ids: torch.Tensor, new: int) -> torch.Tensor:
+def hf_generate(hf: torch.nn.Module, ids: torch.Tensor, new: int, streamer: object = None) -> torch.Tensor:
     """transformers' greedy generate of exactly `new` tokens."""
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, streamer=streamer)
     return hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **kwargs)  # type: ignore[operator]
 
 
-def time_generate(model: torch.nn.Module, ids: torch.Tensor, new: int, compiled_step: bool) -> float:
+class _Stamps:
+    """A transformers streamer that records when each call came: the prompt's, then one per new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def time_generate(model: torch.nn.Module, ids: torch.Tensor, new: int, compiled_step: bool) -> tuple[float, float]:
     """Seconds of one greedy generate of `new` tokens: ours (with or without the compiled decoding step) or
-    transformers'."""
+    transformers'; and the seconds of its decoding steps alone, from the first new token to the last."""
     with mock.patch.dict(os.environ, {"BIGMODEL_COMPILED_STEP": "1" if compiled_step else "0"}):
         t0 = time.perf_counter()
         if isinstance(model, GPT):
-            model.generate(ids, max_new_tokens=new)
+            first = None
+            for _ in decode(model, ids.tolist(), GenerationConfig(max_new_tokens=new)):
+                first = first or time.perf_counter()
         else:
-            hf_generate(model, ids, new)
-        return time.perf_counter() - t0
+            stamps = _Stamps()
+            hf_generate(model, ids, new, streamer=stamps)
+            first = stamps.times[1]  # [0]: the prompt, before the prefill
+        end = time.perf_counter()
+    assert first is not None
+    return end - t0, end - first
 
 
 def main() -> None:
@@ -171,24 +194,34 @@ def main() -> None:
         names = list(models)
         for name in names:  # warm-up: first calls load compiled kernels and allocate
             time_generate(models[name], ids, 2, name not in op_by_op)
-        seconds: dict[str, list[float]] = {name: [] for name in names}
+        seconds: dict[str, list[float]] = {name: [] for name in names}  # whole generate calls
+        steps: dict[str, list[float]] = {name: [] for name in names}  # their decoding steps alone
         bandwidths = []
         for r in range(args.repeats):  # rounds of every row: drift of the host slows all rows alike
             for name in names[r:] + names[:r]:  # each round starts with another row
-                seconds[name].append(time_generate(models[name], ids, args.new, name not in op_by_op))
+                total, decoding = time_generate(models[name], ids, args.new, name not in op_by_op)
+                seconds[name].append(total)
+                steps[name].append(decoding)
             bandwidths.append(read_bandwidth(repeats=3))
         bw = max(bw, *bandwidths)
         base = batch * args.new / min(seconds["transformers fp32"])
+        base_steps = batch * (args.new - 1) / min(steps["transformers fp32"])
         print(
             f"\nbatch {batch} (greedy tokens identical to transformers in fp32: {same}; read bandwidth "
             f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f} GB/s between rounds; the limit uses the "
             f"best so far, {bw / 1e9:.1f} GB/s)"
         )
-        print(f"{'':30s} {'tokens/s':>9s} {'median':>7s} {'ratio':>7s} {'of limit':>9s} {'median':>7s}")
+        print(f"{'':28s} {'generate, prefill included':^26s}   {'decoding steps alone':^43s}")
+        head = f"{'tokens/s':>9s} {'median':>7s} {'ratio':>8s}"
+        print(f"{'':28s} {head}   {head} {'of limit':>9s} {'median':>7s}")
         for name in names:
             best, median = (batch * args.new / f(seconds[name]) for f in (min, statistics.median))
+            s_best, s_median = (batch * (args.new - 1) / f(steps[name]) for f in (min, statistics.median))
             limit = bw * batch / weight_bytes(models[name])  # tokens/s if the weights streamed at the read bandwidth
-            print(f"{name:30s} {best:9.1f} {median:7.1f} {best / base:6.2f}x {best / limit:8.0%} {median / limit:7.0%}")
+            print(
+                f"{name:28s} {best:9.1f} {median:7.1f} {best / base:7.2f}x   {s_best:9.1f} {s_median:7.1f} "
+                f"{s_best / base_steps:7.2f}x {s_best / limit:9.0%} {s_median / limit:7.0%}"
+            )
 
 
 if __name__ == "__main__":
