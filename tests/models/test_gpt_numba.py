@@ -217,10 +217,11 @@ def _int8_and_float(x: np.ndarray, q: np.ndarray, scales: np.ndarray, bias: np.n
     return out, float_out
 
 
-# K: one vectorised call (multiples of 16 up to 4096); a tail of K % 16; chunks of 4096 plus a tail.
-# M: single rows, one block of four, blocks of four plus single rows.
-@pytest.mark.parametrize("K", [16, 48, 40, 3, 4096, 4112, 8200])
-@pytest.mark.parametrize("M", [1, 4, 7])
+# K: one vectorised call (multiples of 16 up to 4096; for M < 4 in segments of SEGMENT, with a shorter last
+# one at 800); a tail of K % 16; chunks of 4096 plus a tail.
+# M: 1-3 rows (the segmented path), one block of four, blocks of four plus single rows.
+@pytest.mark.parametrize("K", [16, 48, 40, 3, 800, 3072, 4096, 4112, 8200])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 7])
 def test_int8_matmul_rows_computes_exact_int16_products(K: int, M: int) -> None:
     rng = np.random.default_rng(K * 10 + M)
     N = 37
@@ -240,12 +241,12 @@ def test_int8_matmul_rows_computes_exact_int16_products(K: int, M: int) -> None:
 
 def test_int8_kernel_saturated_rows_do_not_overflow() -> None:
     """Every product at its largest, all of one sign, over 4096 elements (one int32 chunk) and beyond."""
-    for K in (4096, 8192 + 16):
-        x = np.ones((5, K), dtype=np.float32)
+    for K, M in ((4096, 5), (4096, 2), (8192 + 16, 5)):  # M = 2: the segmented path of 1-3 rows
+        x = np.ones((M, K), dtype=np.float32)
         x[1] *= -1
         q = np.full((3, K), 127, dtype=np.int8)
         q[2] = -127
-        out = np.empty((5, 3), dtype=np.float32)
+        out = np.empty((M, 3), dtype=np.float32)
         gpt_numba.matmul_rows(x, q, np.ones(3, np.float32), np.zeros(3, np.float32), out)
         assert np.allclose(out[0], [127 * K, 127 * K, -127 * K], rtol=1e-6)
         assert np.allclose(out[1], [-127 * K, -127 * K, 127 * K], rtol=1e-6)
