@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from bigmodel.data.tokenizer import Tokenizer
-from bigmodel.generation import GenerationConfig, TextStream, generate, generate_text, process_logits, stream_text
+from bigmodel.generation import (
+    GenerationConfig,
+    TextStream,
+    decode,
+    generate,
+    generate_text,
+    process_logits,
+    stream_text,
+)
 from bigmodel.models.gpt import GPT
 from conftest import tiny_gpt
 
@@ -376,6 +384,22 @@ def test_output_logprobs_equal_log_softmax_of_a_full_forward(model: GPT) -> None
     expected = logits[:, 4:-1].log_softmax(-1).gather(-1, out[:, 5:, None]).squeeze(-1)  # (B, 20)
     assert lps.shape == (2, 20) and (lps < 0).all()
     torch.testing.assert_close(lps, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_logprobs_are_computed_only_when_asked_for(model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log-softmax over the vocabulary per step is skipped by generate without output_logprobs, by
+    stream_text and by decode(logprobs=False); the tokens are the same."""
+    calls = []
+    log_softmax = torch.Tensor.log_softmax
+    monkeypatch.setattr(torch.Tensor, "log_softmax", lambda t, *a, **k: calls.append(1) or log_softmax(t, *a, **k))
+    idx = _prompt(b=2, t=5)
+    ids, _ = generate(model, idx, max_new_tokens=6, output_logprobs=True)
+    assert len(calls) == 6
+    calls.clear()
+    assert torch.equal(generate(model, idx, max_new_tokens=6), ids) and not calls
+    steps = list(decode(model, idx.tolist(), GenerationConfig(max_new_tokens=6), logprobs=False))
+    assert all(s.logprobs is None for s in steps) and not calls
+    assert torch.equal(torch.stack([s.tokens for s in steps], 1), ids[:, 5:])
 
 
 def test_eos_token_id_list_stops_on_any(model: GPT) -> None:

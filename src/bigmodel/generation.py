@@ -118,12 +118,15 @@ class Step:
     """One decoding step. Its tensors are made under torch.inference_mode: read them, do not train on them."""
 
     tokens: torch.Tensor  # (N,) the token chosen for every row this step
-    logprobs: torch.Tensor  # (N,) its log-probability under the model (before any processing)
+    logprobs: torch.Tensor | None  # (N,) its log-probability under the model (before any processing)
     done: torch.Tensor  # (N,) rows that have finished (they keep receiving the pad token)
 
 
-def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[Step]:
+def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig, *, logprobs: bool = True) -> Iterator[Step]:
     """Generate for every prompt (each repeated num_return_sequences times), one Step per new token.
+
+    With logprobs=False the steps carry None instead of the chosen tokens' log-probabilities: a
+    log-softmax over the vocabulary saved per step (~1% of an int8 GPT-2 step on 2 cores).
 
     Prompts of different lengths are left-padded: each row gets its own positions (0 at its first real
     token) and an attention mask that hides the padding, so every row decodes as if it were alone.
@@ -145,7 +148,7 @@ def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig) -> Itera
     vocab = model.config.vocab_size or 0
     if max(max(p) for p in rows) >= vocab or min(min(p) for p in rows) < 0:
         raise ValueError(f"prompt token ids must be in [0, {vocab})")
-    return _decode_steps(model, rows, new, cfg)
+    return _decode_steps(model, rows, new, cfg, logprobs)
 
 
 def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | None:
@@ -178,7 +181,9 @@ def _argmax(scores: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()  # cheaper than no_grad; only lists and fresh tensors leave the engine
-def _decode_steps(model: GPT, rows: list[list[int]], new: int, cfg: GenerationConfig) -> Iterator[Step]:
+def _decode_steps(
+    model: GPT, rows: list[list[int]], new: int, cfg: GenerationConfig, with_logprobs: bool
+) -> Iterator[Step]:
     device = _device(model)
     N, L, vocab = len(rows), max(len(p) for p in rows), model.config.vocab_size or 0
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.stop_ids or [0])[0]
@@ -217,7 +222,7 @@ def _decode_steps(model: GPT, rows: list[list[int]], new: int, cfg: GenerationCo
             else:
                 tok = _argmax(scores)
             tok = tok.masked_fill(done, pad)
-            logprobs = raw.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+            logprobs = raw.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1) if with_logprobs else None
             if len(stop):
                 done = done | torch.isin(tok, stop)
             yield Step(tok, logprobs, done.clone())
@@ -266,7 +271,7 @@ def generate(
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=... to see text")
     rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
-    results = _complete(model, prompts, cfg, tokenizer if stop_strings else None, stop_strings)
+    results = _complete(model, prompts, cfg, tokenizer if stop_strings else None, stop_strings, output_logprobs)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.stop_ids or [0])[0]
     width, L = max(len(r.token_ids) for r in results), max(len(p) for p in rows)
     out = torch.full((len(rows), L + width), pad, dtype=torch.long)
@@ -375,7 +380,7 @@ def stream_text(
     cfg = _split_kwargs(kwargs)
     if cfg.num_return_sequences != 1:
         raise ValueError("stream_text streams one sequence; use generate_text for num_return_sequences > 1")
-    steps = decode(model, [_encode_prompt(tokenizer, prompt)], cfg)
+    steps = decode(model, [_encode_prompt(tokenizer, prompt)], cfg, logprobs=False)
     return _stream_chunks(steps, TextStream(tokenizer, stop_strings), stats if stats is not None else {})
 
 
@@ -416,20 +421,24 @@ def _complete(
     cfg: GenerationConfig,
     tokenizer: Tokenizer | None,
     stop_strings: list[str] | None,
+    logprobs: bool = True,
 ) -> list[Completion]:
     """Run `decode` to the end and collect every row: its new ids (a final stop token included), their
-    log-probabilities, and, when a tokenizer is given, its text with stop strings cut off."""
+    log-probabilities (left empty with logprobs=False), and, when a tokenizer is given, its text with stop
+    strings cut off."""
     n = len(prompts) * cfg.num_return_sequences
     streams = [TextStream(tokenizer, stop_strings) for _ in range(n)] if tokenizer is not None else None
     rows = [Completion("", [], [], "length") for _ in range(n)]
     active = [True] * n
-    for step in decode(model, prompts, cfg):
-        for i, (t, lp) in enumerate(zip(step.tokens.tolist(), step.logprobs.tolist(), strict=True)):
+    for step in decode(model, prompts, cfg, logprobs=logprobs):
+        lps = step.logprobs.tolist() if step.logprobs is not None else None
+        for i, t in enumerate(step.tokens.tolist()):
             if not active[i]:
                 continue
             r = rows[i]
             r.token_ids.append(t)
-            r.logprobs.append(lp)
+            if lps is not None:
+                r.logprobs.append(lps[i])
             if bool(step.done[i]):  # a stop token
                 active[i], r.finish_reason = False, "stop"
             elif streams is not None:
