@@ -138,7 +138,7 @@ def time_generate(model: torch.nn.Module, ids: torch.Tensor, new: int, compiled_
         t0 = time.perf_counter()
         if isinstance(model, GPT):
             first = None
-            for _ in decode(model, ids.tolist(), GenerationConfig(max_new_tokens=new)):
+            for _ in decode(model, ids.tolist(), GenerationConfig(max_new_tokens=new), logprobs=False):  # as generate
                 first = first or time.perf_counter()
         else:
             stamps = _Stamps()
