@@ -252,7 +252,8 @@ def _matmul_int8(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
     short = K % 16 == 0 and K <= _CHUNK  # GPT-2 up to its large shape: one plain call per dot product
     if short and M < 4:
         # With fewer than 4 rows the products keep up with memory, and prefetching PREFETCH_BYTES ahead
-        # made decoding steps ~8% faster; with more rows they are compute-bound and prefetching cost ~5%.
+        # made decoding steps ~8% faster; with more rows they are compute-bound and prefetching cost ~5%
+        # (rows of other lengths, rare, go without).
         flat = w.reshape(N * K)
         for n in prange(N):
             s0, s1, s2 = _few_rows_int8(xq, w, flat, n, PREFETCH_BYTES)
