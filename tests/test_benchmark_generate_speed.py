@@ -24,7 +24,7 @@ def bench() -> ModuleType:
 
 
 def test_steps_alone_leave_out_the_prefill(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    def slow_prefill(model: object, prompts: list, cfg: object) -> Iterator[int]:
+    def slow_prefill(model: object, prompts: list, cfg: object, logprobs: bool = True) -> Iterator[int]:
         time.sleep(0.3)  # the prefill and the first token
         for step in range(cfg.max_new_tokens):  # type: ignore[attr-defined]
             if step:
