@@ -387,8 +387,8 @@ def test_output_logprobs_equal_log_softmax_of_a_full_forward(model: GPT) -> None
 
 
 def test_logprobs_are_computed_only_when_asked_for(model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A log-softmax over the vocabulary per step is skipped by generate without output_logprobs, by
-    stream_text and by decode(logprobs=False); the tokens are the same."""
+    """A log-softmax over the vocabulary per step is skipped by generate without output_logprobs and by
+    decode(logprobs=False) (stream_text: below); the tokens are the same."""
     calls = []
     log_softmax = torch.Tensor.log_softmax
     monkeypatch.setattr(torch.Tensor, "log_softmax", lambda t, *a, **k: calls.append(1) or log_softmax(t, *a, **k))
@@ -506,6 +506,18 @@ def test_stream_text_concatenates_to_generate_text(
         assert len(chunks) > 5  # streamed, not returned at the end
         assert stats["tokens"] >= len(r.token_ids)
     assert "".join(stream_text(char_model, char_tok, TEXT_PROMPT, max_new_tokens=40)) == text
+
+
+def test_stream_text_skips_log_probabilities(
+    char_model: GPT, char_tok: Tokenizer, greedy_text: tuple[list[int], str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    log_softmax = torch.Tensor.log_softmax
+    monkeypatch.setattr(torch.Tensor, "log_softmax", lambda t, *a, **k: calls.append(1) or log_softmax(t, *a, **k))
+    assert "".join(stream_text(char_model, char_tok, TEXT_PROMPT, max_new_tokens=40)) == greedy_text[1]
+    assert not calls
+    [r] = generate_text(char_model, char_tok, TEXT_PROMPT, max_new_tokens=40)  # its completions carry them
+    assert len(r.logprobs) == len(r.token_ids) and calls
 
 
 @pytest.mark.parametrize(
