@@ -386,12 +386,19 @@ def test_output_logprobs_equal_log_softmax_of_a_full_forward(model: GPT) -> None
     torch.testing.assert_close(lps, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_logprobs_are_computed_only_when_asked_for(model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A log-softmax over the vocabulary per step is skipped by generate without output_logprobs and by
-    decode(logprobs=False) (stream_text: below); the tokens are the same."""
-    calls = []
+@pytest.fixture
+def log_softmax_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at every Tensor.log_softmax call while the test runs."""
+    calls: list[int] = []
     log_softmax = torch.Tensor.log_softmax
     monkeypatch.setattr(torch.Tensor, "log_softmax", lambda t, *a, **k: calls.append(1) or log_softmax(t, *a, **k))
+    return calls
+
+
+def test_logprobs_are_computed_only_when_asked_for(model: GPT, log_softmax_calls: list[int]) -> None:
+    """A log-softmax over the vocabulary per step is skipped by generate without output_logprobs and by
+    decode(logprobs=False) (stream_text: below); the tokens are the same."""
+    calls = log_softmax_calls
     idx = _prompt(b=2, t=5)
     ids, _ = generate(model, idx, max_new_tokens=6, output_logprobs=True)
     assert len(calls) == 6
@@ -509,11 +516,9 @@ def test_stream_text_concatenates_to_generate_text(
 
 
 def test_stream_text_skips_log_probabilities(
-    char_model: GPT, char_tok: Tokenizer, greedy_text: tuple[list[int], str, str], monkeypatch: pytest.MonkeyPatch
+    char_model: GPT, char_tok: Tokenizer, greedy_text: tuple[list[int], str, str], log_softmax_calls: list[int]
 ) -> None:
-    calls = []
-    log_softmax = torch.Tensor.log_softmax
-    monkeypatch.setattr(torch.Tensor, "log_softmax", lambda t, *a, **k: calls.append(1) or log_softmax(t, *a, **k))
+    calls = log_softmax_calls
     assert "".join(stream_text(char_model, char_tok, TEXT_PROMPT, max_new_tokens=40)) == greedy_text[1]
     assert not calls
     [r] = generate_text(char_model, char_tok, TEXT_PROMPT, max_new_tokens=40)  # its completions carry them

@@ -13,15 +13,11 @@ from bigmodel.compress.quantize import quantize_int8
 from bigmodel.config import GPTConfig
 from bigmodel.generation import cast_for_inference
 from bigmodel.models.gpt import GPT
+from conftest import tiny_gpt
 
 needs_huge_pages = pytest.mark.skipif(
     not hardware.huge_pages_available(), reason="no transparent huge pages (not Linux, or THP set to never)"
 )
-
-
-def _gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
 
 
 def _smaps_fields(t: torch.Tensor) -> dict[str, int]:
@@ -50,7 +46,7 @@ def _thp_fallbacks() -> int:
 
 @needs_huge_pages
 def test_weights_move_keep_their_values_identity_and_ties() -> None:
-    model = _gpt()
+    model = tiny_gpt(512, block_size=64, n_embd=64)
     before = {name: (p, p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
     ids = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(1))
     expected = model.generate(ids, max_new_tokens=10)
@@ -87,7 +83,7 @@ def test_the_region_is_backed_by_huge_pages() -> None:
 
 @needs_huge_pages
 def test_moved_int8_model_saves_copies_and_decodes_the_same(tmp_path: Path) -> None:
-    model = quantize_int8(_gpt())
+    model = quantize_int8(tiny_gpt(512, block_size=64, n_embd=64))
     ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(2))
     expected = model.generate(ids, max_new_tokens=12)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -96,7 +92,7 @@ def test_moved_int8_model_saves_copies_and_decodes_the_same(tmp_path: Path) -> N
     assert torch.equal(model.generate(ids, max_new_tokens=12), expected)  # through the compiled step
     assert torch.equal(copy.deepcopy(model).generate(ids, max_new_tokens=12), expected)
 
-    fp32 = _gpt()
+    fp32 = tiny_gpt(512, block_size=64, n_embd=64)
     hardware.weights_on_huge_pages(fp32, min_bytes=4096)
     fp32.save_pretrained(tmp_path)  # safetensors: each tensor has its own storage inside the region
     loaded = GPT.from_pretrained(tmp_path)
@@ -145,7 +141,7 @@ def test_shared_buffers_dtypes_and_gradients_survive_and_a_second_call_moves_not
 @pytest.mark.parametrize("value", ["0", "false", "OFF", "no"])
 def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("BIGMODEL_HUGE_PAGES", value)
-    model = _gpt()
+    model = tiny_gpt(512, block_size=64, n_embd=64)
     address = model.transformer.wte.weight.data_ptr()
     assert not hardware.huge_pages_available()
     assert hardware.weights_on_huge_pages(model) == 0

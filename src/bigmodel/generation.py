@@ -275,13 +275,16 @@ def generate(
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.stop_ids or [0])[0]
     width, L = max(len(r.token_ids) for r in results), max(len(p) for p in rows)
     out = torch.full((len(rows), L + width), pad, dtype=torch.long)
-    lps = torch.zeros((len(rows), width))
     for i, (p, r) in enumerate(zip(rows, results, strict=True)):
         out[i, L - len(p) : L] = torch.tensor(p)
         out[i, L : L + len(r.token_ids)] = torch.tensor(r.token_ids, dtype=torch.long)
-        lps[i, : len(r.logprobs)] = torch.tensor(r.logprobs)
     out = out.to(_device(model))
-    return (out, lps) if output_logprobs else out
+    if not output_logprobs:
+        return out
+    lps = torch.zeros((len(rows), width))
+    for i, r in enumerate(results):
+        lps[i, : len(r.logprobs)] = torch.tensor(r.logprobs)
+    return out, lps
 
 
 def _prompts_from(input_ids: Any, attention_mask: torch.Tensor | None) -> list[list[int]]:

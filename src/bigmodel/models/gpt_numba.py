@@ -217,14 +217,15 @@ _prefetch: Any = intrinsic(_prefetch_typing)
 
 
 @_jit
-def _few_rows_int8(xq: Any, w: Any, flat: Any, n: int, ahead: int) -> tuple[Any, Any, Any]:
-    """The int8 dot products of weight row n with xq's 1-3 rows (missing rows give 0), in segments of
-    SEGMENT weights, each preceded by prefetching the cache lines `ahead` bytes further on in the weights
-    (`flat`, w as one row): a few lines at a time, where one request per line of a whole 3072-byte row
+def _few_rows_int8(xq: Any, flat: Any, n: int, ahead: int) -> tuple[Any, Any, Any]:
+    """The int8 dot products of weight row n with xq's 1-3 rows (missing rows give 0), the weights given
+    as one row (`flat`), in segments of SEGMENT weights, each preceded by prefetching the cache lines
+    `ahead` bytes further on: a few lines at a time, where one request per line of a whole 3072-byte row
     came in bursts that the CPU could not keep in flight (rows of 3072 streamed 30% slower than rows of
     768)."""
     M, K = xq.shape
-    wn, base = w[n], n * K
+    base = n * K
+    wn = flat[base : base + K]
     s0 = s1 = s2 = np.int64(0)
     for k0 in range(0, K, SEGMENT):
         count = min(SEGMENT, K - k0)
@@ -256,7 +257,7 @@ def _matmul_int8(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
         # (rows of other lengths, rare, go without).
         flat = w.reshape(N * K)
         for n in prange(N):
-            s0, s1, s2 = _few_rows_int8(xq, w, flat, n, PREFETCH_BYTES)
+            s0, s1, s2 = _few_rows_int8(xq, flat, n, PREFETCH_BYTES)
             sn, bn = scales[n], bias[n]
             out[0, n] = np.float32(s0) * sn * step[0] + bn
             if M > 1:
