@@ -156,3 +156,13 @@ def test_cast_for_inference_moves_cpu_weights() -> None:
     end = start + sum(t.nbytes + 64 for t in [*model.parameters(), *model.buffers()])
     int8 = [m.weight_int8 for m in model.modules() if hasattr(m, "weight_int8") and m.weight_int8.nbytes >= 1 << 16]
     assert int8 and all(start < t.data_ptr() < end for t in int8)
+
+
+@pytest.mark.parametrize(
+    "value, off", [("0", True), ("No", True), ("FALSE", True), ("1", False), ("yes", False), ("", False)]
+)
+def test_switched_off_reads_the_usual_spellings(monkeypatch: pytest.MonkeyPatch, value: str, off: bool) -> None:
+    monkeypatch.setenv("BIGMODEL_SOME_SWITCH", value)
+    assert hardware.switched_off("BIGMODEL_SOME_SWITCH") is off
+    monkeypatch.delenv("BIGMODEL_SOME_SWITCH")
+    assert not hardware.switched_off("BIGMODEL_SOME_SWITCH")  # unset: on

@@ -14,7 +14,6 @@ Reading order:
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bigmodel import hardware
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
 
@@ -154,9 +154,9 @@ def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig, *, logpr
 def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | None:
     """The compiled decoding step (models/gpt_numba.py) for this model and cache, or None where it does not
     apply: another model class, swapped submodules or forward hooks, weights not float32 or numba-int8, not
-    on the CPU, more than 16 rows, numba missing, or BIGMODEL_COMPILED_STEP=0. Steps then run the model's
-    forward op by op (same results to float32 rounding)."""
-    if os.environ.get("BIGMODEL_COMPILED_STEP", "1") == "0" or not isinstance(model, GPT):
+    on the CPU, more than 16 rows, numba missing, or BIGMODEL_COMPILED_STEP=0 (or false, no, off). Steps
+    then run the model's forward op by op (same results to float32 rounding)."""
+    if hardware.switched_off("BIGMODEL_COMPILED_STEP") or not isinstance(model, GPT):
         return None
     if _device(model).type != "cpu":  # (before importing numba)
         return None
@@ -469,8 +469,6 @@ def cast_for_inference(model: GPT, dtype: str = "auto") -> GPT:
     Linux CPU the weights then move onto huge pages (hardware.weights_on_huge_pages): decoding streams
     them every step.
     """
-    from bigmodel import hardware
-
     device = model.transformer.wte.weight.device
     if dtype == "auto":
         dtype = "bf16" if hardware.native_bf16(device) else "fp32"

@@ -79,10 +79,16 @@ HUGE_PAGE = 2 << 20  # bytes: a transparent huge page on x86-64 and most arm64 L
 _regions: list[tuple[weakref.ref[mmap.mmap], int, int]] = []  # the regions made below: (region, start, end)
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment turns a fast path off: `variable` set to 0, false, no or off (any case).
+    The switches: BIGMODEL_HUGE_PAGES (below), BIGMODEL_COMPILED_STEP (generation.compiled_decoder)."""
+    return os.environ.get(variable, "").lower() in ("0", "false", "no", "off")
+
+
 def huge_pages_available() -> bool:
     """Linux transparent huge pages that a program may ask for (`madvise` or `always` mode), unless
-    BIGMODEL_HUGE_PAGES is 0 (or false, no, off)."""
-    if os.environ.get("BIGMODEL_HUGE_PAGES", "1").lower() in ("0", "false", "no", "off"):
+    BIGMODEL_HUGE_PAGES switches them off (see `switched_off`)."""
+    if switched_off("BIGMODEL_HUGE_PAGES"):
         return False
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return False

@@ -88,6 +88,8 @@ def test_compiled_decoder_declines_what_it_cannot_run(monkeypatch: pytest.Monkey
     assert compiled_decoder(custom, custom.new_cache(1, 8), visible) is None  # its forward may differ
     monkeypatch.setenv("BIGMODEL_COMPILED_STEP", "0")
     assert compiled_decoder(fp32, fp32.new_cache(1, 8), visible) is None
+    monkeypatch.setenv("BIGMODEL_COMPILED_STEP", "Off")  # the values every BIGMODEL_ switch takes
+    assert compiled_decoder(fp32, fp32.new_cache(1, 8), visible) is None
     monkeypatch.delenv("BIGMODEL_COMPILED_STEP")
     if quantize.fbgemm_available():
         monkeypatch.setenv("BIGMODEL_INT8_KERNEL", "fbgemm")
