@@ -141,6 +141,20 @@ def _dot1_typing(typingctx: Any, x: Any, w: Any, start: Any, count: Any) -> Any:
     return types.int64(x, w, start, count), _dot_codegen(1)
 
 
+def _dot2_typing(typingctx: Any, x0: Any, x1: Any, w: Any, start: Any, count: Any) -> Any:
+    """_dot2(x0, x1, w, start, count): _dot1 for two int16 rows against one int8 row, loaded and widened once."""
+    if not _rows(x0, x1, w):
+        return None
+    return types.UniTuple(types.int64, 2)(x0, x1, w, start, count), _dot_codegen(2)
+
+
+def _dot3_typing(typingctx: Any, x0: Any, x1: Any, x2: Any, w: Any, start: Any, count: Any) -> Any:
+    """_dot3(x0, x1, x2, w, start, count): as _dot2, for three rows."""
+    if not _rows(x0, x1, x2, w):
+        return None
+    return types.UniTuple(types.int64, 3)(x0, x1, x2, w, start, count), _dot_codegen(3)
+
+
 def _dot4_typing(typingctx: Any, x0: Any, x1: Any, x2: Any, x3: Any, w: Any, start: Any, count: Any) -> Any:
     """_dot4(x0, x1, x2, x3, w, start, count): _dot1 for four int16 rows against one int8 row, which is
     loaded and widened once."""
@@ -151,6 +165,8 @@ def _dot4_typing(typingctx: Any, x0: Any, x1: Any, x2: Any, x3: Any, w: Any, sta
 
 # (Any: called from compiled code with the arguments after typingctx, which mypy cannot know)
 _dot1: Any = intrinsic(_dot1_typing)
+_dot2: Any = intrinsic(_dot2_typing)
+_dot3: Any = intrinsic(_dot3_typing)
 _dot4: Any = intrinsic(_dot4_typing)
 
 
@@ -218,8 +234,8 @@ _prefetch: Any = intrinsic(_prefetch_typing)
 
 @_jit
 def _few_rows_int8(xq: Any, flat: Any, n: int, ahead: int) -> tuple[Any, Any, Any]:
-    """The int8 dot products of weight row n with xq's 1-3 rows (missing rows give 0), the weights given
-    as one row (`flat`), in segments of SEGMENT weights, each preceded by prefetching the cache lines
+    """The int8 dot products of weight row n with xq's 1-3 rows (missing rows give 0; the rows share each
+    loaded weight), the weights given as one row (`flat`), in segments of SEGMENT weights, each preceded by prefetching the cache lines
     `ahead` bytes further on: a few lines at a time, where one request per line of a whole 3072-byte row
     came in bursts that the CPU could not keep in flight (rows of 3072 streamed 30% slower than rows of
     768)."""
@@ -233,11 +249,14 @@ def _few_rows_int8(xq: Any, flat: Any, n: int, ahead: int) -> tuple[Any, Any, An
         if at + count <= flat.shape[0]:
             for c in range(0, count, 64):  # one request per 64-byte cache line
                 _prefetch(flat, at + c)
-        s0 += _dot1(xq[0], wn, k0, count)
-        if M > 1:
-            s1 += _dot1(xq[1], wn, k0, count)
-        if M > 2:
-            s2 += _dot1(xq[2], wn, k0, count)
+        if M == 1:
+            s0 += _dot1(xq[0], wn, k0, count)
+        elif M == 2:  # the rows share each loaded and widened weight
+            a0, a1 = _dot2(xq[0], xq[1], wn, k0, count)
+            s0, s1 = s0 + a0, s1 + a1
+        else:
+            a0, a1, a2 = _dot3(xq[0], xq[1], xq[2], wn, k0, count)
+            s0, s1, s2 = s0 + a0, s1 + a1, s2 + a2
     return s0, s1, s2
 
 
