@@ -235,10 +235,10 @@ _prefetch: Any = intrinsic(_prefetch_typing)
 @_jit
 def _few_rows_int8(xq: Any, flat: Any, n: int, ahead: int) -> tuple[Any, Any, Any]:
     """The int8 dot products of weight row n with xq's 1-3 rows (missing rows give 0; the rows share each
-    loaded weight), the weights given as one row (`flat`), in segments of SEGMENT weights, each preceded by prefetching the cache lines
-    `ahead` bytes further on: a few lines at a time, where one request per line of a whole 3072-byte row
-    came in bursts that the CPU could not keep in flight (rows of 3072 streamed 30% slower than rows of
-    768)."""
+    loaded weight), the weights given as one row (`flat`), in segments of SEGMENT weights, each preceded
+    by prefetching the cache lines `ahead` bytes further on: a few lines at a time, where one request per
+    line of a whole 3072-byte row came in bursts that the CPU could not keep in flight (rows of 3072
+    streamed 30% slower than rows of 768)."""
     M, K = xq.shape
     base = n * K
     wn = flat[base : base + K]
