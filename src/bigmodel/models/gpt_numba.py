@@ -125,42 +125,36 @@ def _dot_codegen(rows: int) -> Any:
     return codegen
 
 
-def _rows(*arrays: Any) -> bool:
-    """Whether the intrinsics' array arguments are what their code reads: contiguous 1-D rows of int16
-    activations, then one of int8 weights (anything else is a typing error, not wrong code)."""
+def _dot_signature(arrays: tuple[Any, ...], start: Any, count: Any) -> Any:
+    """The typing shared by _dot1-_dot4, given their arrays (the int16 activation rows, then the int8
+    weight row): one int64 sum per activation row (a tuple for more than one) and their code; None, a typing
+    error rather than wrong code, unless every array is a contiguous 1-D row of the dtype the code reads."""
     *xs, w = arrays
     kinds = [(x, types.int16) for x in xs] + [(w, types.int8)]
-    return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == t for a, t in kinds)
+    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == t for a, t in kinds):
+        return None
+    result = types.int64 if len(xs) == 1 else types.UniTuple(types.int64, len(xs))
+    return result(*arrays, start, count), _dot_codegen(len(xs))
 
 
 def _dot1_typing(typingctx: Any, x: Any, w: Any, start: Any, count: Any) -> Any:
     """_dot1(x, w, start, count): sum of x[start:start+count] * w[start:start+count] as int64; x int16,
     w int8, both contiguous rows."""
-    if not _rows(x, w):
-        return None  # a typing error
-    return types.int64(x, w, start, count), _dot_codegen(1)
+    return _dot_signature((x, w), start, count)
 
 
 def _dot2_typing(typingctx: Any, x0: Any, x1: Any, w: Any, start: Any, count: Any) -> Any:
-    """_dot2(x0, x1, w, start, count): _dot1 for two int16 rows against one int8 row, loaded and widened once."""
-    if not _rows(x0, x1, w):
-        return None
-    return types.UniTuple(types.int64, 2)(x0, x1, w, start, count), _dot_codegen(2)
+    """_dot2(x0, x1, w, start, count): _dot1 for two int16 rows against one int8 row, which is loaded and
+    widened once for both (_dot3 and _dot4 likewise for three and four rows)."""
+    return _dot_signature((x0, x1, w), start, count)
 
 
 def _dot3_typing(typingctx: Any, x0: Any, x1: Any, x2: Any, w: Any, start: Any, count: Any) -> Any:
-    """_dot3(x0, x1, x2, w, start, count): as _dot2, for three rows."""
-    if not _rows(x0, x1, x2, w):
-        return None
-    return types.UniTuple(types.int64, 3)(x0, x1, x2, w, start, count), _dot_codegen(3)
+    return _dot_signature((x0, x1, x2, w), start, count)
 
 
 def _dot4_typing(typingctx: Any, x0: Any, x1: Any, x2: Any, x3: Any, w: Any, start: Any, count: Any) -> Any:
-    """_dot4(x0, x1, x2, x3, w, start, count): _dot1 for four int16 rows against one int8 row, which is
-    loaded and widened once."""
-    if not _rows(x0, x1, x2, x3, w):
-        return None
-    return types.UniTuple(types.int64, 4)(x0, x1, x2, x3, w, start, count), _dot_codegen(4)
+    return _dot_signature((x0, x1, x2, x3, w), start, count)
 
 
 # (Any: called from compiled code with the arguments after typingctx, which mypy cannot know)
