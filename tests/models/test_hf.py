@@ -78,6 +78,22 @@ def test_our_directory_round_trips(tmp_path: Path, bias: bool) -> None:
     assert back.lm_head.weight is back.transformer.wte.weight
 
 
+def test_loading_builds_no_random_weights_and_leaves_usable_parameters(tmp_path: Path) -> None:
+    ours = tiny_gpt(V, block_size=40, n_head=4)
+    ours.save_pretrained(tmp_path)
+    rng = torch.random.get_rng_state()
+    back = GPT.from_pretrained(tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the model was built on the meta device, not drawn
+    for name, p in back.named_parameters():
+        assert p.device.type == "cpu" and p.is_contiguous() and p.requires_grad, name
+    assert back.lm_head.weight is back.transformer.wte.weight
+    back.train()
+    loss = back(_ids(2, 40), _ids(2, 40, seed=1))[1]
+    assert loss is not None
+    loss.backward()  # fine-tuning a loaded model works
+    assert back.transformer.h[0].attn.c_attn.weight.grad is not None
+
+
 def test_we_load_a_directory_saved_by_transformers(tmp_path: Path) -> None:
     hf = _hf_model(tmp_path)
     ours = GPT.from_pretrained(tmp_path)

@@ -155,6 +155,22 @@ def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
     return tensors
 
 
+class _ShapesOnly(torch.overrides.TorchFunctionMode):
+    """Inside `with torch.device("meta"), _ShapesOnly():` modules get parameters of the right shapes and no
+    values: their initialisation (normal_, uniform_, zero_, fill_) is skipped, where on the meta device it
+    would do nothing anyway, but its first random fill imports torch._dynamo (~2 s). Thread-local, like
+    every torch function mode."""
+
+    SKIPPED = frozenset({"normal_", "uniform_", "zero_", "fill_"})
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init's functions take `tensor=`
+        if getattr(func, "__name__", "") in self.SKIPPED and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
 def load_gpt(path: str | Path, allow_pickle: bool = False) -> GPT:
     """Build a GPT from a Hugging Face GPT-2 directory (ours, or one transformers saved)."""
     path = Path(path)
@@ -171,7 +187,8 @@ def load_gpt(path: str | Path, allow_pickle: bool = False) -> GPT:
         raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from e
     config = gpt_config_from_hf(cfg, path / "config.json")
     tensors = read_weights(path, allow_pickle)
-    model = GPT(config)
+    with torch.device("meta"), _ShapesOnly():  # no random initialisation of weights about to be replaced
+        model = GPT(config)
     own = model.state_dict()
     sd: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -179,7 +196,7 @@ def load_gpt(path: str | Path, allow_pickle: bool = False) -> GPT:
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old GPT-2 checkpoints store the causal mask as a buffer
         if name.endswith(CONV1D):
-            tensor = tensor.t()
+            tensor = tensor.t().contiguous()  # the compiled decoding kernels stream contiguous rows
         if name not in own:
             if name.endswith(".bias") and not config.bias:
                 continue
@@ -194,5 +211,6 @@ def load_gpt(path: str | Path, allow_pickle: bool = False) -> GPT:
             raise UserError(
                 f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(own[name].shape)}"
             )
-    model.load_state_dict(sd)
+    model.load_state_dict(sd, assign=True)  # the loaded tensors become the parameters (no second copy)
+    model.lm_head.weight = model.transformer.wte.weight  # tied again, as transformers ties them on loading
     return model.eval()
