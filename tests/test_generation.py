@@ -586,6 +586,41 @@ def test_text_stream_cuts_at_the_earliest_of_several_stop_strings(char_tok: Toke
         assert stream.tokens_before_stop == 1
 
 
+def _metaspace_tokenizer(texts: list[str]) -> Tokenizer:
+    """A SentencePiece-style tokenizer ("▁" for spaces; its decoder drops the space a sequence starts with)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"]))
+    return Tokenizer(tok)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "metaspace"])
+def test_text_stream_equals_decoding_the_whole_sequence(kind: str) -> None:
+    """The stream decodes a window of the latest ids; its text must be the whole sequence's, wherever
+    characters split across tokens (random ids: stray bytes and special tokens included)."""
+    texts = ["héllo wörld ✓ 😀 naïve café", "the quick brown fox jumps over the lazy dog", "日本語のテキスト ok"] * 20
+    tok = Tokenizer.train_bpe(texts, vocab_size=400) if kind == "bpe" else _metaspace_tokenizer(texts)
+    gen = torch.Generator().manual_seed(0)
+    sequences = [tok.encode(" ".join(texts[:3]))] + [
+        torch.randint(0, tok.vocab_size, (int(n),), generator=gen).tolist()
+        for n in torch.randint(1, 200, (30,), generator=gen)
+    ]
+    for ids in sequences:
+        stream = TextStream(tok)
+        streamed = ""
+        for i, t in enumerate(ids):
+            streamed += stream.push(t)
+            whole = tok.decode(ids[: i + 1], skip_special_tokens=True)
+            assert whole.startswith(streamed)
+            assert stream._lengths[-1] == len(whole)
+        assert streamed + stream.finish() == tok.decode(ids, skip_special_tokens=True)
+        assert stream._window > 0 or len(ids) < 3  # it did not decode the whole sequence every time
+
+
 def test_the_transformers_docs_example_works_with_bigmodel_names(tmp_path) -> None:
     """The snippet users copy from the transformers docs, with bigmodel's names swapped in."""
     from bigmodel import Tokenizer

@@ -308,6 +308,13 @@ class TextStream:
     A chunk never ends inside a UTF-8 character (the tokenizer's replacement character means the bytes of
     a character are split across tokens), and text that could be the start of a stop string is held back
     until it is known not to be one, so a stop string is never emitted, even split across tokens.
+
+    Each token decodes only a short window of the latest ids, not the whole sequence again (which cost
+    O(n) per token, ~0.3 ms at 4096 tokens). The window starts one complete piece of text back, so that
+    decoders which treat a sequence's first token specially (dropping a leading space, say) see the same
+    context as in the whole sequence (the piece must have text: a special token alone, which decodes to
+    nothing, would leave the next token first); its text up to the last complete piece is known, and
+    what follows is new.
     """
 
     tokenizer: Any
@@ -317,12 +324,26 @@ class TextStream:
     stopped: bool = False
     tokens_before_stop: int = 0  # tokens wholly before the stop string
     _lengths: list[int] = field(default_factory=list)  # decoded length after each token
+    _text: str = ""  # the text of ids[:_complete], which ends with a whole character
+    _complete: int = 0
+    _window: int = 0  # decoding starts at ids[_window] (an earlier complete point)...
+    _window_text: str = ""  # ...where ids[_window:_complete] decode to this
+
+    def _decoded(self) -> str:
+        """The text of all ids so far, decoding only those from _window on."""
+        window = self.tokenizer.decode(self.ids[self._window :], skip_special_tokens=True)
+        text = self._text + window[len(self._window_text) :]
+        if len(self.ids) > self._complete and not window.endswith("\ufffd"):  # complete up to here
+            piece = self.tokenizer.decode(self.ids[self._complete :], skip_special_tokens=True)
+            if piece:  # the next window starts at the last complete point (one that has text: see above)
+                self._text, self._window, self._complete, self._window_text = text, self._complete, len(self.ids), piece
+        return text
 
     def push(self, token: int) -> str:
         if self.stopped:
             return ""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._decoded()
         self._lengths.append(len(text))
         found = [at for s in self.stop_strings or [] if (at := text.find(s, max(0, self.emitted - len(s) + 1))) >= 0]
         if found:  # cut at the earliest stop string, whichever it is
@@ -352,7 +373,7 @@ class TextStream:
         """The held-back rest once generation has ended without a stop string."""
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._decoded()
         chunk, self.emitted = text[self.emitted :], len(text)
         return chunk
 
