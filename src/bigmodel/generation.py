@@ -336,7 +336,8 @@ class TextStream:
         if len(self.ids) > self._complete and not window.endswith("\ufffd"):  # complete up to here
             piece = self.tokenizer.decode(self.ids[self._complete :], skip_special_tokens=True)
             if piece:  # the next window starts at the last complete point (one that has text: see above)
-                self._text, self._window, self._complete, self._window_text = text, self._complete, len(self.ids), piece
+                self._window, self._window_text = self._complete, piece
+                self._text, self._complete = text, len(self.ids)
         return text
 
     def push(self, token: int) -> str:

@@ -221,7 +221,7 @@ def _int8_and_float(x: np.ndarray, q: np.ndarray, scales: np.ndarray, bias: np.n
 
 # K: one vectorised call (multiples of 16 up to 4096; for M < 4 in segments of SEGMENT, with a shorter last
 # one at 800); a tail of K % 16; chunks of 4096 plus a tail.
-# M: 1-3 rows (the segmented path), one block of four, blocks of four plus single rows.
+# M: 1-3 rows (the segmented path), one block of four, blocks of four plus 1-3 rows left (3: shared loads).
 @pytest.mark.parametrize("K", [16, 48, 40, 3, 800, 3072, 4096, 4112, 8200])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 9])  # 5-7, 9: 1-3 rows left after blocks of 4
 def test_int8_matmul_rows_computes_exact_int16_products(K: int, M: int) -> None:

@@ -293,8 +293,9 @@ def _matmul_int8(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
                 out[m + 2, n] = a2 * sn * step[m + 2] + bn
                 out[m + 3, n] = a3 * sn * step[m + 3] + bn
                 m += 4
-            if short and M - m == 3:  # three rows left share each loaded weight too (batch 7: ~1.1x faster;
-                s0, s1, s2 = _dot3(xq[m], xq[m + 1], xq[m + 2], wn, 0, K)  # two rows left gained nothing)
+            # Three rows left share each loaded weight too (batch 7: ~1.1x faster; two rows gained nothing).
+            if short and M - m == 3:
+                s0, s1, s2 = _dot3(xq[m], xq[m + 1], xq[m + 2], wn, 0, K)
                 out[m, n] = np.float32(s0) * sn * step[m] + bn
                 out[m + 1, n] = np.float32(s1) * sn * step[m + 1] + bn
                 out[m + 2, n] = np.float32(s2) * sn * step[m + 2] + bn
