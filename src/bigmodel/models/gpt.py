@@ -83,11 +83,16 @@ class GPT(nn.Module):
         self.activation_checkpointing = False  # recompute each block's activations in backward (train only)
         self.transformer = Transformer(config, config.vocab_size)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, saved once
+        self.tie_weights()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def tie_weights(self) -> None:
+        """The output head reads the token embedding: one tensor, saved once (again after anything that
+        replaces parameters, such as load_state_dict(assign=True))."""
+        self.lm_head.weight = self.transformer.wte.weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -212,5 +212,5 @@ def load_gpt(path: str | Path, allow_pickle: bool = False) -> GPT:
                 f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(own[name].shape)}"
             )
     model.load_state_dict(sd, assign=True)  # the loaded tensors become the parameters (no second copy)
-    model.lm_head.weight = model.transformer.wte.weight  # tied again, as transformers ties them on loading
+    model.tie_weights()  # assign=True replaced both tensors; the embedding wins, as in transformers
     return model.eval()
