@@ -3,8 +3,8 @@
 A GPT-2-124M-shaped model with random weights (seeded); the same weights are loaded into transformers'
 GPT2LMHeadModel. Greedy decoding of 128 new tokens after a 32-token prompt, at batch 1 and batch 8:
 transformers (fp32), bigmodel fp32, bf16 and int8 (each CPU int8 kernel installed: numba, fbgemm). The
-fp32 and numba-int8 rows run the compiled decoding step (models/gpt_numba.py); their "op by op" rows run
-the same model with BIGMODEL_COMPILED_STEP=0, the PyTorch forward of every step.
+fp32, bf16 and numba-int8 rows run the compiled decoding step (models/gpt_numba.py); their "op by op" rows
+run the same model with BIGMODEL_COMPILED_STEP=0, the PyTorch forward of every step.
 Prints tokens/s (new tokens, prefill included) and the ratio to transformers; then the decoding steps
 alone (from the first new token to the last: each step reads every weight once, the 32-token prefill is
 compute-bound and does not) as tokens/s, their ratio, and their fraction of the memory-bandwidth limit:
@@ -176,7 +176,9 @@ def main() -> None:
                 os.environ["BIGMODEL_INT8_KERNEL"] = kernel
             variants[f"bigmodel int8 {kernel or 'int8pack'}"] = cast_for_inference(copy.deepcopy(ours), "int8")
     op_by_op = {
-        f"{name} op by op": variants[name] for name in ("bigmodel fp32", "bigmodel int8 numba") if name in variants
+        f"{name} op by op": variants[name]
+        for name in ("bigmodel fp32", "bigmodel bf16", "bigmodel int8 numba")
+        if name in variants
     }
     variants.update(op_by_op)
     bw = read_bandwidth()

@@ -153,9 +153,11 @@ def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig, *, logpr
 
 def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | None:
     """The compiled decoding step (models/gpt_numba.py) for this model and cache, or None where it does not
-    apply: another model class, swapped submodules or forward hooks, weights not float32 or numba-int8, not
-    on the CPU, more than 16 rows, numba missing, or BIGMODEL_COMPILED_STEP=0 (or false, no, off). Steps
-    then run the model's forward op by op (same results to float32 rounding)."""
+    apply: another model class, swapped submodules or forward hooks, weights not float32, bf16 or
+    numba-int8, not on the CPU, more than 16 rows, numba missing, or BIGMODEL_COMPILED_STEP=0 (or false,
+    no, off). Steps then run the model's forward op by op: the same results to float32 rounding, except
+    for bf16 models, whose compiled step computes in float32 (bf16 weights and KV cache, float32
+    activations and sums) where their forward computes in bf16."""
     if hardware.switched_off("BIGMODEL_COMPILED_STEP") or not isinstance(model, GPT):
         return None
     if _device(model).type != "cpu":  # (before importing numba)

@@ -76,7 +76,9 @@ def test_compiled_decoder_declines_what_it_cannot_run(monkeypatch: pytest.Monkey
     fp32 = _model("fp32")
     assert compiled_decoder(fp32, fp32.new_cache(1, 8), visible) is not None
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    assert compiled_decoder(bf16, bf16.new_cache(1, 8), visible) is None  # numba has no bf16
+    assert compiled_decoder(bf16, bf16.new_cache(1, 8), visible) is not None  # read as bits, widened
+    fp16 = copy.deepcopy(fp32).half()
+    assert compiled_decoder(fp16, fp16.new_cache(1, 8), visible) is None
     rows = torch.ones(17, 4, dtype=torch.bool)
     assert compiled_decoder(fp32, fp32.new_cache(17, 8), rows) is None  # more rows run faster through BLAS
 
@@ -195,6 +197,88 @@ def test_nan_activations_propagate_to_their_row_only() -> None:
         assert decoder is not None
         logits = decoder(torch.tensor([5, 6]), torch.tensor([3, 3]))
     assert torch.isnan(logits[0]).all() and torch.isfinite(logits[1]).all()
+
+
+def _bf16_bits(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.bfloat16).view(torch.uint16).numpy()
+
+
+def test_bf16_steps_compute_in_float32_with_the_rounded_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 model's compiled steps widen its weights and KV cache to float32: their logits match the
+    float32 forward of the same (rounded) weights up to the cache's bf16 rounding, ~20x closer than the
+    model's own bf16 forward gets; and `decode` takes them on every step."""
+    model = _model("bf16")
+    reference = copy.deepcopy(model).float()  # the same weights exactly, computed in float32
+    ids = torch.randint(0, V, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cache = model.new_cache(3, 20)
+        model(ids, cache=cache)
+        decoder = compiled_decoder(model, cache, torch.ones(3, 9, dtype=torch.bool))
+        assert decoder is not None
+        tok, seq = torch.tensor([4, 0, 49]), ids
+        for step in range(6):
+            got = decoder(tok, torch.full((3,), 9 + step))
+            assert got.dtype == torch.float32 and cache.pos == 10 + step
+            seq = torch.cat([seq, tok[:, None]], 1)
+            expected = reference(seq)[0][:, -1:]
+            own = model(seq)[0][:, -1:].float()  # bf16 arithmetic
+            error, own_error = float((got - expected).abs().max()), float((own - expected).abs().max())
+            assert error < 1e-3 and error < own_error / 5, (error, own_error)
+            tok = got[:, -1].argmax(-1)
+        assert cache.k.dtype == torch.bfloat16 and bool(cache.k[:, :, :, 9:15].abs().sum(-1).gt(0).all())
+
+    calls = []
+    step = gpt_numba.CompiledDecoder.__call__
+    monkeypatch.setattr(gpt_numba.CompiledDecoder, "__call__", lambda self, *a: calls.append(1) or step(self, *a))
+    tokens, _ = _run(model, PROMPTS, True, monkeypatch)
+    assert len(calls) == 19 and tokens.shape == (20, len(PROMPTS))
+
+
+def test_attention_stores_keys_and_values_rounded_as_torch_rounds_to_bf16() -> None:
+    """Into a bf16 cache (bits) this step's keys and values go rounded to nearest even, as torch's
+    .to(torch.bfloat16): halfway cases both ways, values past bf16's largest to inf, subnormals, -0 and
+    NaN; attention then reads every position widened back to float32."""
+    M, nh, S, hd = 2, 3, 6, 16
+    C = nh * hd
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((M, 3 * C)).astype(np.float32)
+    bits = qkv.view(np.uint32)
+    bits[0, C : C + 8] = [0x3F808000, 0x3F818000, 0x3F808001, 0x3F817FFF, 0x7F7FFFFF, 0x00000001, 0x80000000, 0]
+    keys_and_values = np.r_[C : 3 * C]
+    k = _bf16_bits(torch.randn(M, nh, S, hd, generator=torch.Generator().manual_seed(1)))
+    v = _bf16_bits(torch.randn(M, nh, S, hd, generator=torch.Generator().manual_seed(2)))
+    visible = np.ones((M, S), dtype=np.bool_)
+    visible[1, 1] = False
+    out = np.empty((M, C), dtype=np.float32)
+    pos = 4
+    gpt_numba._attend(qkv, k, v, pos, visible, out)
+    stored = np.concatenate([k[:, :, pos].reshape(M, C), v[:, :, pos].reshape(M, C)], 1)
+    np.testing.assert_array_equal(stored, _bf16_bits(torch.from_numpy(qkv[:, keys_and_values])))
+    assert stored[0, 4] == 0x7F80  # float32's largest rounds up to inf
+    # attention over positions 0..pos of the widened cache, in float32
+    keys = torch.from_numpy(k.view(np.int16)).view(torch.bfloat16).float()[:, :, : pos + 1]
+    values = torch.from_numpy(v.view(np.int16)).view(torch.bfloat16).float()[:, :, : pos + 1]
+    q = torch.from_numpy(qkv[:, :C]).view(M, nh, 1, hd)
+    mask = torch.from_numpy(visible[:, None, None, : pos + 1])
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask).reshape(M, C)
+    torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-5, atol=1e-5)
+    qkv[1, C] = np.nan  # a NaN key: stored as a NaN, and it reaches that head's output only
+    gpt_numba._attend(qkv, k, v, pos, visible, out)
+    assert k[1, 0, pos, 0] == 0x7FC0
+    assert np.isnan(out[1, :hd]).all() and np.isfinite(out[0]).all() and np.isfinite(out[1, hd:]).all()
+
+
+@pytest.mark.parametrize("K", [3, 48, 771])
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 9])  # 1-3 rows one at a time, blocks of four, and rows left
+def test_bf16_matmul_rows_equals_float32_products_of_the_widened_weights(K: int, M: int) -> None:
+    rng = np.random.default_rng(K * 10 + M)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = torch.from_numpy(rng.standard_normal((29, K)).astype(np.float32)).bfloat16()
+    bias = rng.standard_normal(29).astype(np.float32)
+    out = np.empty((M, 29), dtype=np.float32)
+    gpt_numba.matmul_rows(x, w.view(torch.uint16).numpy(), np.ones(29, np.float32), bias, out)
+    expected = torch.from_numpy(x).double() @ w.double().T + torch.from_numpy(bias).double()
+    torch.testing.assert_close(torch.from_numpy(out).double(), expected, rtol=1e-5, atol=1e-5 * K**0.5)
 
 
 def _int16_reference(x: np.ndarray, q: np.ndarray, scales: np.ndarray, bias: np.ndarray) -> tuple:

@@ -9,8 +9,10 @@ batch 1 on 2 cores that costs about as long as streaming int8 weights. Here a la
       x += c_proj(a);  x += mlp.c_proj(gelu(mlp.c_fc(LayerNorm(x))))
 
 and the head (final LayerNorm + output projection) another. Weights are read where they are (numpy
-views of the model's tensors, no copies): float32 Linear weights, or Int8Linear's int8 rows and scales
-(with the activations rounded to int16, see `_matmul_int8`).
+views of the model's tensors, no copies): float32 or bf16 Linear weights, or Int8Linear's int8 rows and
+scales (with the activations rounded to int16, see `_matmul_int8`). Activations, norms and sums are
+float32 whatever the weights: a bf16 model's weights and KV cache are widened to float32 as they are read
+(`_widen`), and its new keys and values rounded to bf16 as they are stored (`_narrow`).
 
 `matmul_rows` is also the kernel of Int8Linear's decoding path (compress/int8_kernels.py). Everything is
 compiled on first use and cached on disk by numba; importing this module needs a working numba, so the
@@ -45,10 +47,71 @@ _jit = numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True,
 _pjit = numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True, error_model="numpy", parallel=True)
 
 
+# --- bf16: numpy has no bfloat16, so bf16 tensors are read as their bits (uint16) ------------------------
+
+
+def _bf16_to_f32_typing(typingctx: Any, bits: Any) -> Any:
+    """_bf16_to_f32(bits): the float32 whose upper half is these bf16 bits (uint16), exactly."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        return builder.bitcast(builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+def _f32_to_bf16_typing(typingctx: Any, value: Any) -> Any:
+    """_f32_to_bf16(value): the bf16 bits (uint16) of a float32, rounded to nearest even as torch rounds
+    (NaN gives torch's 0x7FC0; values past bf16's largest round to inf)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        odd = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)), odd), ir.Constant(i32, 16))
+        nan = builder.fcmp_unordered("uno", args[0], args[0])  # (an IR compare: no fast-math flags on it)
+        return builder.trunc(builder.select(nan, ir.Constant(i32, 0x7FC0), rounded), ir.IntType(16))
+
+    return types.uint16(value), codegen
+
+
+_bf16_to_f32: Any = intrinsic(_bf16_to_f32_typing)
+_f32_to_bf16: Any = intrinsic(_f32_to_bf16_typing)
+
+
+def _widen(value):  # (no annotations: numba compares the two signatures)
+    """float32 of a weight or cache element: bf16 bits (uint16) widened, int8 or float32 converted."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_widen, jit_options={"fastmath": _FASTMATH})
+def _widen_overload(value):
+    if value == types.uint16:
+        return lambda value: _bf16_to_f32(value)
+    return lambda value: np.float32(value)
+
+
+def _narrow(value, like):  # (no annotations: numba compares the two signatures)
+    """A float32 value as an element of the array `like`: bf16 bits for a bf16 (uint16) array."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_narrow, jit_options={"fastmath": _FASTMATH})
+def _narrow_overload(value, like):
+    if like.dtype == types.uint16:
+        return lambda value, like: _f32_to_bf16(value)
+    return lambda value, like: value
+
+
 @_pjit
 def _matmul_float(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
-    """matmul_rows in float32: each weight is widened to float32 in registers (float32 weights as they are).
-    Parallel over output rows: each thread streams its share of the weight rows once, whatever M is."""
+    """matmul_rows in float32: each weight is widened to float32 in registers (int8 and bf16 bits; float32
+    weights as they are). Parallel over output rows: each thread streams its share of the weight rows once,
+    whatever M is."""
     M, K = x.shape
     N = w.shape[0]
     for n in prange(N):
@@ -57,7 +120,7 @@ def _matmul_float(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
         while m + 4 <= M:  # four activation rows share each widened weight: four independent sums
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for k in range(K):
-                wk = np.float32(w[n, k])
+                wk = _widen(w[n, k])
                 a0 += x[m, k] * wk
                 a1 += x[m + 1, k] * wk
                 a2 += x[m + 2, k] * wk
@@ -68,7 +131,7 @@ def _matmul_float(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
         while m < M:  # the rest, one row at a time (a decoding step of batch 1 is only this)
             acc = np.float32(0.0)
             for k in range(K):
-                acc += x[m, k] * np.float32(w[n, k])
+                acc += x[m, k] * _widen(w[n, k])
             out[m, n] = acc * sn + bn
             m += 1
 
@@ -325,7 +388,7 @@ def _matmul_overload(x, w, scales, bias, out):
 def matmul_rows(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
     """out (M, N) = x (M, K) @ (w (N, K) * scales (N,)[:, None]).T + bias (N,), in float32.
 
-    w is float32 (scales of one), computed in float32; or int8 (scaled rows), computed with each
+    w is float32 or bf16 bits (uint16) (scales of one), computed in float32; or int8 (scaled rows), computed with each
     activation row rounded to int16 on its own scale and integer sums, exact up to their conversion to
     float32 (`_matmul_int8`; int8 weights that are not C-contiguous take the float32 path). Parallel over
     output rows: each thread streams its share of the weight rows once, whatever M is.
@@ -391,7 +454,8 @@ def _gelu_tanh(x: Any) -> None:
 @_pjit
 def _attend(qkv: Any, k_cache: Any, v_cache: Any, pos: int, visible: Any, out: Any) -> None:
     """Store this step's keys and values at cache position `pos`, then attend each row's query to the
-    visible cached positions 0..pos. qkv (M, 3C); k_cache, v_cache (M, nh, S, hd); visible (M, S) bool."""
+    visible cached positions 0..pos. qkv (M, 3C); k_cache, v_cache (M, nh, S, hd), float32 or bf16 bits;
+    visible (M, S) bool."""
     M, nh, _, hd = k_cache.shape
     C = nh * hd
     scale = np.float32(1.0 / math.sqrt(hd))
@@ -399,13 +463,14 @@ def _attend(qkv: Any, k_cache: Any, v_cache: Any, pos: int, visible: Any, out: A
         m, h = mh // nh, mh % nh
         q = qkv[m, h * hd : (h + 1) * hd]  # (hd,)
         keys, values = k_cache[m, h], v_cache[m, h]  # (S, hd)
-        keys[pos, :] = qkv[m, C + h * hd : C + (h + 1) * hd]
-        values[pos, :] = qkv[m, 2 * C + h * hd : 2 * C + (h + 1) * hd]
+        for d in range(hd):  # stored in the cache's dtype, and read back from it like every other position
+            keys[pos, d] = _narrow(qkv[m, C + h * hd + d], keys)
+            values[pos, d] = _narrow(qkv[m, 2 * C + h * hd + d], values)
         scores = np.empty(pos + 1, dtype=np.float32)
         for j in range(pos + 1):
             s = np.float32(0.0)
             for d in range(hd):
-                s += q[d] * keys[j, d]
+                s += q[d] * _widen(keys[j, d])
             scores[j] = s * scale if visible[m, j] else -np.inf
         top = scores.max()  # finite: position pos is always visible
         total = np.float32(0.0)
@@ -417,10 +482,19 @@ def _attend(qkv: Any, k_cache: Any, v_cache: Any, pos: int, visible: Any, out: A
         for j in range(pos + 1):
             p = scores[j]
             for d in range(hd):
-                acc[d] += p * values[j, d]
+                acc[d] += p * _widen(values[j, d])
         inv = np.float32(1.0) / total
         for d in range(hd):
             out[m, h * hd + d] = acc[d] * inv
+
+
+@_jit
+def _embed(wte: Any, wpe: Any, tokens: Any, positions: Any, x: Any) -> None:
+    """x (M, C) = wte[tokens] + wpe[positions], in float32 (the tables float32 or bf16 bits)."""
+    M, C = x.shape
+    for m in range(M):
+        for c in range(C):
+            x[m, c] = _widen(wte[tokens[m], c]) + _widen(wpe[positions[m], c])
 
 
 @_jit
@@ -489,29 +563,45 @@ def match_torch_threads() -> None:
         _threads.count = wanted
 
 
-def _f32(t: torch.Tensor | None, n: int, fill: float) -> np.ndarray | None:
-    """A float32 CPU tensor as numpy (None for any other), or a constant vector when there is no tensor."""
+def _view(t: torch.Tensor) -> np.ndarray | None:
+    """A float32 or bf16 CPU tensor as a numpy view (bf16 as its bits, uint16); None for other dtypes and
+    devices."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    t = t.detach()
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _table(t: torch.Tensor) -> np.ndarray | None:
+    """_view of a weight matrix, copied only where it is not contiguous."""
+    view = _view(t)
+    return None if view is None else np.ascontiguousarray(view)
+
+
+def _vector(t: torch.Tensor | None, n: int, fill: float) -> np.ndarray | None:
+    """A float32 or bf16 CPU vector (biases, norms, scales) as float32 numpy (None for other dtypes and
+    devices), or a constant vector when there is no tensor."""
     if t is None:
         return np.full(n, fill, dtype=np.float32)
-    if t.dtype != torch.float32 or t.device.type != "cpu":
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
         return None
-    return np.ascontiguousarray(t.detach().numpy())
+    return np.ascontiguousarray(t.detach().float().numpy())
 
 
 def _linear(module: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(weight, scales, bias) numpy views of an nn.Linear (float32) or an Int8Linear (int8 + scales)."""
+    """(weight, scales, bias) numpy views of an nn.Linear (float32 or bf16) or an Int8Linear (int8 + scales)."""
     kind = type(module)
     if kind is torch.nn.Linear:
-        w = _f32(module.weight, 0, 0.0)
+        w = _table(module.weight)
         n = module.out_features
-        bias = _f32(module.bias, n, 0.0)
+        bias = _vector(module.bias, n, 0.0)
         return None if w is None or bias is None else (w, np.ones(n, dtype=np.float32), bias)
     if (kind.__module__, kind.__name__) == ("bigmodel.compress.quantize", "Int8Linear"):
         q = module.weight_int8
         if module.kernel != "numba" or q.device.type != "cpu":  # e.g. BIGMODEL_INT8_KERNEL=fbgemm
             return None
         n = q.shape[0]
-        scales, bias = _f32(module.scales, n, 1.0), _f32(module.bias, n, 0.0)
+        scales, bias = _vector(module.scales, n, 1.0), _vector(module.bias, n, 0.0)
         return None if scales is None or bias is None else (q.numpy(), scales, bias)
     return None  # a subclass or another layer (LoRA, ...) computes something else
 
@@ -519,8 +609,8 @@ def _linear(module: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
 def _norm(module: Any) -> tuple[np.ndarray, np.ndarray] | None:
     if type(module) is not LayerNorm:
         return None
-    w = _f32(module.weight, 0, 0.0)
-    b = _f32(module.bias, module.weight.shape[0], 0.0)
+    w = _vector(module.weight, 0, 0.0)
+    b = _vector(module.bias, module.weight.shape[0], 0.0)
     return None if w is None or b is None else (w, b)
 
 
@@ -541,11 +631,12 @@ def _plain(model: Any) -> bool:
 class CompiledDecoder:
     """Decoding steps of a GPT (see models/gpt.py) for M <= MAX_ROWS rows, sharing the KV cache the
     prefill filled. Build it with `CompiledDecoder.build`, which answers None when the model cannot take
-    this path (weights not float32 or numba-int8, not on the CPU, too many rows)."""
+    this path (weights not float32, bf16 or numba-int8, not on the CPU, too many rows)."""
 
     def __init__(
         self,
         cache: Any,
+        kv: tuple[np.ndarray, np.ndarray],
         visible: np.ndarray,
         embeddings: tuple[np.ndarray, np.ndarray],
         layers: list[tuple[Any, ...]],
@@ -556,8 +647,7 @@ class CompiledDecoder:
         self.visible = visible  # (M, S): which cache positions each row attends to
         self.wte, self.wpe = embeddings  # (V, C), (block_size, C)
         self.layers, self.head = layers, head
-        self.k = cache.k.numpy()  # (n_layer, M, nh, S, hd) views: the prefill wrote them through torch
-        self.v = cache.v.numpy()
+        self.k, self.v = kv  # (n_layer, M, nh, S, hd) views of the cache's tensors: the prefill wrote them
         self.x = np.empty((M, C), dtype=np.float32)
         self.scratch = (
             np.empty((M, C), dtype=np.float32),
@@ -573,9 +663,10 @@ class CompiledDecoder:
         M = visible.shape[0]
         if M > MAX_ROWS or not _usable or not _plain(model):
             return None
-        if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
+        k, v = _view(cache.k), _view(cache.v)
+        if k is None or v is None or not (cache.k.is_contiguous() and cache.v.is_contiguous()):  # (KVCache's are)
             return None
-        wte, wpe = _f32(t.wte.weight, 0, 0.0), _f32(t.wpe.weight, 0, 0.0)
+        wte, wpe = _table(t.wte.weight), _table(t.wpe.weight)
         if wte is None or wpe is None:
             return None
         layers = []
@@ -596,7 +687,7 @@ class CompiledDecoder:
             return None
         mask = np.zeros((M, cache.max_len), dtype=np.bool_)
         mask[:, : visible.shape[1]] = visible.cpu().numpy()
-        return cls(cache, mask, (wte, wpe), layers, (ln_f, lm_head))
+        return cls(cache, (k, v), mask, (wte, wpe), layers, (ln_f, lm_head))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (M,), positions (M,) (each row's own position id) -> next-token logits (M, 1, V)."""
@@ -605,7 +696,7 @@ class CompiledDecoder:
         if pos >= self.cache.max_len:
             raise ValueError(f"KV cache holds {self.cache.max_len} positions; {pos + 1} requested")
         x = self.x
-        np.add(self.wte[tokens.numpy()], self.wpe[positions.numpy()], out=x)  # (M, C)
+        _embed(self.wte, self.wpe, tokens.numpy(), positions.numpy(), x)  # (M, C)
         self.visible[:, pos] = True
         for i, layer in enumerate(self.layers):
             layer_step(x, *layer, self.k[i], self.v[i], pos, self.visible, self.scratch)  # type: ignore[call-arg]
