@@ -658,3 +658,35 @@ def test_greedy_argmax_matches_torch_with_ties_and_nan() -> None:
     view = torch.randn(2, 3, 50257, generator=g)[:, -1, :]  # a strided view, as the engine passes
     for s in (scores, view, scores.double()):
         assert torch.equal(_argmax(s), s.argmax(-1))
+
+
+@pytest.mark.parametrize("compiled", ["1", "0"])
+def test_bf16_prompts_compute_through_float32_where_bf16_is_emulated(
+    model: GPT, compiled: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16 model's prompt (8+ rows per linear layer) takes hardware.bf16_linears_in_float on CPUs
+    without native bf16 (forced here), compiled step or not; its first token and log-probability agree
+    with torch's own bf16 prompt to bf16 rounding."""
+    import copy
+
+    from bigmodel import hardware
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    prompts = [[(3 * i + 1) % V for i in range(10)], [(5 * i + 2) % V for i in range(9)]]  # ragged
+    monkeypatch.setenv("BIGMODEL_COMPILED_STEP", compiled)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)  # torch's bf16 throughout
+    native = list(decode(bf16, prompts, GenerationConfig(max_new_tokens=4)))
+    converted = []
+    handler = hardware._Bf16LinearsInFloat.__torch_function__
+
+    def counting(self: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.nn.functional.linear and args[0].numel() >= 8 * args[0].shape[-1]:
+            converted.append(tuple(args[0].shape))
+        return handler(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(hardware._Bf16LinearsInFloat, "__torch_function__", counting)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
+    steps = list(decode(bf16, prompts, GenerationConfig(max_new_tokens=4)))
+    assert len(converted) == 4 * bf16.config.n_layer  # the prompt's c_attn, c_proj, c_fc, mlp c_proj
+    assert torch.equal(steps[0].tokens, native[0].tokens)
+    torch.testing.assert_close(steps[0].logprobs, native[0].logprobs, rtol=0.02, atol=0.02)

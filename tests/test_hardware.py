@@ -1,4 +1,5 @@
-"""hardware.weights_on_huge_pages: weights move into one huge-page region and the model computes as before."""
+"""hardware.py: weights on huge pages (they move into one huge-page region and the model computes as before), and
+bf16 linear layers computed through float32 where bf16 is emulated."""
 
 from __future__ import annotations
 
@@ -166,3 +167,36 @@ def test_switched_off_reads_the_usual_spellings(monkeypatch: pytest.MonkeyPatch,
     assert hardware.switched_off("BIGMODEL_SOME_SWITCH") is off
     monkeypatch.delenv("BIGMODEL_SOME_SWITCH")
     assert not hardware.switched_off("BIGMODEL_SOME_SWITCH")  # unset: on
+
+
+def test_bf16_linears_of_eight_rows_or_more_compute_through_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without native bf16 (as on the development machine: forced here), linear layers of a bf16 model
+    with 8 or more rows take float32 products rounded to bf16: equal to torch's own bf16 product to bf16
+    rounding; fewer rows, other dtypes and other operations are left to torch as they are."""
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
+    lin = torch.nn.Linear(96, 40).to(torch.bfloat16)
+    x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # 15 rows
+    few = x[0, :7]
+    with hardware.bf16_linears_in_float(lin):
+        many_out, few_out = lin(x), lin(few)
+        fp32_out = torch.nn.functional.linear(x.float(), lin.weight.float())  # not bf16: untouched
+        product = x @ lin.weight.T  # not F.linear: untouched
+    assert many_out.dtype == few_out.dtype == torch.bfloat16 and fp32_out.dtype == torch.float32
+    via_float = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float()).to(torch.bfloat16)
+    assert torch.equal(many_out, via_float)
+    torch.testing.assert_close(many_out, lin(x))  # bf16's tolerance: the two differ in summation order only
+    assert torch.equal(few_out, lin(few))
+    assert torch.equal(product, x @ lin.weight.T)
+    with hardware.bf16_linears_in_float(lin):  # gradients flow as through the bf16 product
+        lin(x.requires_grad_()).float().sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.dtype == torch.bfloat16
+
+
+def test_bf16_linears_stay_native_where_they_are_native_or_not_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    bf16 = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
+    assert isinstance(hardware.bf16_linears_in_float(bf16), torch.overrides.TorchFunctionMode)
+    assert not isinstance(hardware.bf16_linears_in_float(torch.nn.Linear(8, 8)), torch.overrides.TorchFunctionMode)
+    assert not isinstance(hardware.bf16_linears_in_float(torch.nn.Module()), torch.overrides.TorchFunctionMode)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)  # AVX512-BF16 / AMX: torch's own kernels
+    assert not isinstance(hardware.bf16_linears_in_float(bf16), torch.overrides.TorchFunctionMode)

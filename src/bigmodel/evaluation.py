@@ -128,6 +128,7 @@ def run_eval(args: Any) -> int:
     shards = TokenShards(args.data, args.split)
     check_same_tokenizer(model_dir, Path(args.data))
     dtype = hardware.autocast_dtype(args.precision, hardware.default_device())
-    result = evaluate(model, shards, max_tokens=args.max_tokens, autocast_dtype=dtype)
+    with hardware.bf16_linears_in_float(model):  # --dtype bf16 on a CPU without native bf16
+        result = evaluate(model, shards, max_tokens=args.max_tokens, autocast_dtype=dtype)
     print(json.dumps(result))
     return 0

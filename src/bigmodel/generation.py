@@ -212,7 +212,9 @@ def _decode_steps(
             causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
             mask = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
             mask = mask[:, None]
-        logits, _ = model(ids, cache=cache, last_only=True, position_ids=positions if padded else None, attn_mask=mask)
+        prompt_positions = positions if padded else None
+        with hardware.bf16_linears_in_float(model):  # the prompt's rows: bf16 is emulated on most CPUs
+            logits, _ = model(ids, cache=cache, last_only=True, position_ids=prompt_positions, attn_mask=mask)
         next_pos = positions[:, -1] + 1  # (N,)
         done = torch.zeros(N, dtype=torch.bool, device=device)
         compiled = compiled_decoder(model, cache, real)  # prompt keys: the real tokens
@@ -244,7 +246,8 @@ def _decode_steps(
                     mask = torch.ones(N, cache.pos + 1, dtype=torch.bool, device=device)
                     mask[:, :L] = real
                     step_mask, pos = mask[:, None, None, :], next_pos[:, None]
-                logits, _ = model(tok[:, None], cache=cache, last_only=True, position_ids=pos, attn_mask=step_mask)
+                with hardware.bf16_linears_in_float(model):
+                    logits, _ = model(tok[:, None], cache=cache, last_only=True, position_ids=pos, attn_mask=step_mask)
             next_pos = next_pos + 1
     finally:
         model.train(was_training)
