@@ -1,4 +1,4 @@
-"""Held-out perplexity of a trained GPT in fp32 and int8, through the forward and through decoding steps.
+"""Held-out perplexity of a trained GPT in fp32, bf16 and int8, through the forward and through decoding steps.
 
     python benchmarks/int8_quality.py runs/demo runs/demo/data [--max-tokens N]
 
@@ -8,6 +8,8 @@ activations by dequantized weights (BLAS). Decoding runs other kernels: a step's
 same held-out windows both ways: "steps" feeds each window's tokens one at a time through the KV cache
 (teacher forcing, 16 windows per step: the compiled decoding step), so its perplexity is the one the
 decoding kernels give. fp32 forward and fp32 steps agree up to float rounding, which checks the harness.
+bf16 differs by design between the two: its forward computes in bf16, its compiled steps in float32 from
+the bf16 weights and a bf16 KV cache.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bigmodel import hardware
 from bigmodel.data.loader import TokenShards, eval_batches
 from bigmodel.evaluation import check_same_tokenizer, resolve_model_dir
 from bigmodel.generation import cast_for_inference, compiled_decoder
@@ -27,7 +30,8 @@ from bigmodel.models.gpt import GPT
 
 @torch.inference_mode()
 def nll_forward(model: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
-    logits, _ = model(x)
+    with hardware.bf16_linears_in_float(model):  # as `bigmodel eval --dtype bf16` runs it
+        logits, _ = model(x)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
 
 
@@ -58,7 +62,8 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model)
     check_same_tokenizer(model_dir, Path(args.data))
     fp32 = GPT.from_pretrained(model_dir).eval()
-    models = {"fp32": fp32, "int8": cast_for_inference(GPT.from_pretrained(model_dir), "int8")}
+    models = {"fp32": fp32}
+    models.update({dtype: cast_for_inference(GPT.from_pretrained(model_dir), dtype) for dtype in ("bf16", "int8")})
     shards = TokenShards(args.data, "val")
     block = fp32.config.block_size
     sums = {(dtype, path): 0.0 for dtype in models for path in ("forward", "steps")}
@@ -75,9 +80,10 @@ def main() -> None:
     print(f"{'':8s} {'forward':>10s} {'steps':>10s}")
     for dtype in models:
         print(f"{dtype:8s} {ppl[dtype, 'forward']:10.3f} {ppl[dtype, 'steps']:10.3f}")
-    for path in ("forward", "steps"):
-        change = ppl["int8", path] / ppl["fp32", path] - 1
-        print(f"int8 against fp32, {path}: {change:+.3%}")
+    for dtype in ("bf16", "int8"):
+        for path in ("forward", "steps"):
+            change = ppl[dtype, path] / ppl["fp32", path] - 1
+            print(f"{dtype} against fp32, {path}: {change:+.3%}")
     change = ppl["int8", "steps"] / ppl["int8", "forward"] - 1
     print(f"int8 steps against int8 forward (the int16 activations): {change:+.5%}")
 

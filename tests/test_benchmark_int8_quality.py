@@ -19,13 +19,14 @@ def bench() -> ModuleType:
     return load_benchmark("int8_quality.py")
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "bf16"])
 def test_steps_score_what_the_forward_scores(bench: ModuleType, tiny_run: tuple, bpe_data: Path, dtype: str) -> None:
     model = cast_for_inference(GPT.from_pretrained(tiny_run[0].run_dir / "final"), dtype)
     x, y = next(iter(eval_batches(TokenShards(bpe_data, "val"), model.config.block_size, 16)))
     forward, steps = bench.nll_forward(model, x, y), bench.nll_steps(model, x, y)
-    # fp32: float rounding only; int8: the decoding kernel also rounds activations to int16
-    assert steps == pytest.approx(forward, rel=1e-5 if dtype == "fp32" else 1e-4)
+    # fp32: float rounding only; int8: the decoding kernel also rounds activations to int16; bf16: the
+    # forward computes in bf16, the steps in float32 from the same weights
+    assert steps == pytest.approx(forward, rel={"fp32": 1e-5, "int8": 1e-4, "bf16": 1e-3}[dtype])
 
 
 def test_prints_both_paths_and_the_changes(
@@ -35,5 +36,7 @@ def test_prints_both_paths_and_the_changes(
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     out = capsys.readouterr().out
-    for line in ("fp32 ", "int8 ", "int8 against fp32, forward:", "int8 against fp32, steps:", "int16 activations"):
+    for line in ("fp32 ", "bf16 ", "int8 ", "int16 activations"):
         assert line in out
+    for dtype in ("bf16", "int8"):
+        assert f"{dtype} against fp32, forward:" in out and f"{dtype} against fp32, steps:" in out
