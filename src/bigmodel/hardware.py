@@ -1,5 +1,5 @@
-"""What the machine can do: bf16 support, the autocast dtype to use, measured matmul peak FLOP/s, and
-weights placed on huge pages for decoding."""
+"""What the machine can do: bf16 support, the autocast dtype to use, bf16 linear layers through float32
+where bf16 is emulated, measured matmul peak FLOP/s, and weights placed on huge pages for decoding."""
 
 from __future__ import annotations
 

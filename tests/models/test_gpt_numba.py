@@ -69,6 +69,10 @@ def test_compiled_step_logits_equal_the_forward(monkeypatch: pytest.MonkeyPatch)
             tok = expected[:, -1].argmax(-1)
         torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-5, atol=1e-6)  # the cache is shared with torch
         torch.testing.assert_close(cache.v, ref_cache.v, rtol=1e-5, atol=1e-6)
+        for tokens, positions in (([4, V, 1], [14, 14, 14]), ([4, -1, 1], [14, 14, 14]), ([4, 0, 1], [14, 48, 14])):
+            with pytest.raises(IndexError, match="outside the embedding tables"):  # not a read past the table
+                decoder(torch.tensor(tokens), torch.tensor(positions))
+        assert cache.pos == 14  # nothing stored
 
 
 def test_compiled_decoder_declines_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -388,10 +388,10 @@ def _matmul_overload(x, w, scales, bias, out):
 def matmul_rows(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
     """out (M, N) = x (M, K) @ (w (N, K) * scales (N,)[:, None]).T + bias (N,), in float32.
 
-    w is float32 or bf16 bits (uint16) (scales of one), computed in float32; or int8 (scaled rows), computed with each
-    activation row rounded to int16 on its own scale and integer sums, exact up to their conversion to
-    float32 (`_matmul_int8`; int8 weights that are not C-contiguous take the float32 path). Parallel over
-    output rows: each thread streams its share of the weight rows once, whatever M is.
+    w is float32 or bf16 bits (uint16), with scales of one, computed in float32; or int8 (scaled rows),
+    computed with each activation row rounded to int16 on its own scale and integer sums, exact up to their
+    conversion to float32 (`_matmul_int8`; int8 weights that are not C-contiguous take the float32 path).
+    Parallel over output rows: each thread streams its share of the weight rows once, whatever M is.
     """
     _matmul(x, w, scales, bias, out)
 
@@ -490,9 +490,12 @@ def _attend(qkv: Any, k_cache: Any, v_cache: Any, pos: int, visible: Any, out: A
 
 @_jit
 def _embed(wte: Any, wpe: Any, tokens: Any, positions: Any, x: Any) -> None:
-    """x (M, C) = wte[tokens] + wpe[positions], in float32 (the tables float32 or bf16 bits)."""
+    """x (M, C) = wte[tokens] + wpe[positions], in float32 (the tables float32 or bf16 bits). An id or
+    position outside its table raises IndexError (the compiled code checks no bounds otherwise)."""
     M, C = x.shape
     for m in range(M):
+        if not (0 <= tokens[m] < wte.shape[0] and 0 <= positions[m] < wpe.shape[0]):
+            raise IndexError("token id or position outside the embedding tables")
         for c in range(C):
             x[m, c] = _widen(wte[tokens[m], c]) + _widen(wpe[positions[m], c])
 
