@@ -171,12 +171,14 @@ def test_switched_off_reads_the_usual_spellings(monkeypatch: pytest.MonkeyPatch,
 
 def test_bf16_linears_of_eight_rows_or_more_compute_through_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without native bf16 (as on the development machine: forced here), linear layers of a bf16 model
-    with 8 or more rows take float32 products rounded to bf16: equal to torch's own bf16 product to bf16
-    rounding; fewer rows, other dtypes and other operations are left to torch as they are."""
+    with 16 or more rows take float32 products rounded to bf16, the weights widened a chunk of rows at a
+    time: equal to torch's own bf16 product to bf16 rounding; fewer rows, other dtypes and other
+    operations are left to torch as they are."""
     monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(hardware._Bf16LinearsInFloat, "CHUNK", 96 * 16)  # 16 weight rows at a time: 3 chunks
     lin = torch.nn.Linear(96, 40).to(torch.bfloat16)
-    x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # 15 rows
-    few = x[0, :7]
+    x = torch.randn(3, 6, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # 18 rows
+    few = x.flatten(0, 1)[:15]
     with hardware.bf16_linears_in_float(lin):
         many_out, few_out = lin(x), lin(few)
         fp32_out = torch.nn.functional.linear(x.float(), lin.weight.float())  # not bf16: untouched
