@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from bigmodel import hardware
 from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.generation import (
     GenerationConfig,
@@ -667,10 +669,6 @@ def test_bf16_prompts_compute_through_float32_where_bf16_is_emulated(
     """A bf16 model's prompt (16+ rows per linear layer) takes hardware.bf16_linears_in_float on CPUs
     without native bf16 (forced here), compiled step or not; its first token and log-probability agree
     with torch's own bf16 prompt to bf16 rounding."""
-    import copy
-
-    from bigmodel import hardware
-
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     prompts = [[(3 * i + 1) % V for i in range(10)], [(5 * i + 2) % V for i in range(9)]]  # ragged: 2 x 10 rows
     monkeypatch.setenv("BIGMODEL_COMPILED_STEP", compiled)

@@ -169,7 +169,7 @@ def test_switched_off_reads_the_usual_spellings(monkeypatch: pytest.MonkeyPatch,
     assert not hardware.switched_off("BIGMODEL_SOME_SWITCH")  # unset: on
 
 
-def test_bf16_linears_of_eight_rows_or_more_compute_through_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_linears_of_sixteen_rows_or_more_compute_through_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without native bf16 (as on the development machine: forced here), linear layers of a bf16 model
     with 16 or more rows take float32 products rounded to bf16, the weights widened a chunk of rows at a
     time: equal to torch's own bf16 product to bf16 rounding; fewer rows, other dtypes and other

@@ -220,9 +220,9 @@ def test_bf16_steps_compute_in_float32_with_the_rounded_weights(monkeypatch: pyt
         decoder = compiled_decoder(model, cache, torch.ones(3, 9, dtype=torch.bool))
         assert decoder is not None
         tok, seq = torch.tensor([4, 0, 49]), ids
-        for step in range(6):
-            got = decoder(tok, torch.full((3,), 9 + step))
-            assert got.dtype == torch.float32 and cache.pos == 10 + step
+        for i in range(6):
+            got = decoder(tok, torch.full((3,), 9 + i))
+            assert got.dtype == torch.float32 and cache.pos == 10 + i
             seq = torch.cat([seq, tok[:, None]], 1)
             expected = reference(seq)[0][:, -1:]
             own = model(seq)[0][:, -1:].float()  # bf16 arithmetic
