@@ -678,7 +678,10 @@ def test_bf16_prompts_compute_through_float32_where_bf16_is_emulated(
     handler = hardware._Bf16LinearsInFloat.__torch_function__
 
     def counting(self: Any, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.nn.functional.linear and args[0].numel() >= 16 * args[0].shape[-1]:
+        if (
+            func is torch.nn.functional.linear
+            and args[0].numel() >= hardware._Bf16LinearsInFloat.MIN_ROWS * args[0].shape[-1]
+        ):
             converted.append(tuple(args[0].shape))
         return handler(self, func, types, args, kwargs)
 

@@ -213,7 +213,8 @@ def _decode_steps(
             mask = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
             mask = mask[:, None]
         prompt_positions = positions if padded else None
-        with hardware.bf16_linears_in_float(model):  # the prompt's rows: bf16 is emulated on most CPUs
+        linears = hardware.bf16_linears_in_float(model)  # bf16 models where bf16 is emulated (most CPUs)
+        with linears:
             logits, _ = model(ids, cache=cache, last_only=True, position_ids=prompt_positions, attn_mask=mask)
         next_pos = positions[:, -1] + 1  # (N,)
         done = torch.zeros(N, dtype=torch.bool, device=device)
@@ -246,7 +247,7 @@ def _decode_steps(
                     mask = torch.ones(N, cache.pos + 1, dtype=torch.bool, device=device)
                     mask[:, :L] = real
                     step_mask, pos = mask[:, None, None, :], next_pos[:, None]
-                with hardware.bf16_linears_in_float(model):
+                with linears:
                     logits, _ = model(tok[:, None], cache=cache, last_only=True, position_ids=pos, attn_mask=step_mask)
             next_pos = next_pos + 1
     finally:

@@ -204,7 +204,13 @@ def test_nan_activations_propagate_to_their_row_only() -> None:
 
 
 def _bf16_bits(t: torch.Tensor) -> np.ndarray:
+    """A tensor rounded to bf16, as the bits the compiled code reads (uint16)."""
     return t.to(torch.bfloat16).view(torch.uint16).numpy()
+
+
+def _widened(bits: np.ndarray) -> torch.Tensor:
+    """The float32 values of bf16 bits."""
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
 
 
 def test_bf16_steps_compute_in_float32_with_the_rounded_weights(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,8 +266,7 @@ def test_attention_stores_keys_and_values_rounded_as_torch_rounds_to_bf16() -> N
     np.testing.assert_array_equal(stored, _bf16_bits(torch.from_numpy(qkv[:, keys_and_values])))
     assert stored[0, 4] == 0x7F80  # float32's largest rounds up to inf
     # attention over positions 0..pos of the widened cache, in float32
-    keys = torch.from_numpy(k.view(np.int16)).view(torch.bfloat16).float()[:, :, : pos + 1]
-    values = torch.from_numpy(v.view(np.int16)).view(torch.bfloat16).float()[:, :, : pos + 1]
+    keys, values = _widened(k)[:, :, : pos + 1], _widened(v)[:, :, : pos + 1]
     q = torch.from_numpy(qkv[:, :C]).view(M, nh, 1, hd)
     mask = torch.from_numpy(visible[:, None, None, : pos + 1])
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask).reshape(M, C)
@@ -280,7 +285,7 @@ def test_bf16_matmul_rows_equals_float32_products_of_the_widened_weights(K: int,
     w = torch.from_numpy(rng.standard_normal((29, K)).astype(np.float32)).bfloat16()
     bias = rng.standard_normal(29).astype(np.float32)
     out = np.empty((M, 29), dtype=np.float32)
-    gpt_numba.matmul_rows(x, w.view(torch.uint16).numpy(), np.ones(29, np.float32), bias, out)
+    gpt_numba.matmul_rows(x, _bf16_bits(w), np.ones(29, np.float32), bias, out)
     expected = torch.from_numpy(x).double() @ w.double().T + torch.from_numpy(bias).double()
     torch.testing.assert_close(torch.from_numpy(out).double(), expected, rtol=1e-5, atol=1e-5 * K**0.5)
 

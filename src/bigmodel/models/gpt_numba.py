@@ -566,10 +566,15 @@ def match_torch_threads() -> None:
         _threads.count = wanted
 
 
+def _readable(t: torch.Tensor) -> bool:
+    """A float32 or bf16 CPU tensor: what the compiled step reads (besides Int8Linear's int8 rows)."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+
+
 def _view(t: torch.Tensor) -> np.ndarray | None:
     """A float32 or bf16 CPU tensor as a numpy view (bf16 as its bits, uint16); None for other dtypes and
     devices."""
-    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
+    if not _readable(t):
         return None
     t = t.detach()
     return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
@@ -586,7 +591,7 @@ def _vector(t: torch.Tensor | None, n: int, fill: float) -> np.ndarray | None:
     devices), or a constant vector when there is no tensor."""
     if t is None:
         return np.full(n, fill, dtype=np.float32)
-    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
+    if not _readable(t):
         return None
     return np.ascontiguousarray(t.detach().float().numpy())
 
