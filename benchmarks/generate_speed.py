@@ -16,7 +16,12 @@ kernels more than plain reads, so every row is timed once per round, `--repeats`
 bandwidth measured after each round: a row's figure is its best round (its median beside it), and the
 limit is the best bandwidth measured so far in the run.
 
-    python benchmarks/generate_speed.py [--new 128] [--repeats 3] [--batches 1 8]
+On a GPU (`--device cuda`) the same rows run on the device: the decoding steps of ours are then the
+model's forward captured as a CUDA graph (models/gpt_graph.py), "op by op" the forward launched kernel by
+kernel; int8 is `torch._weight_int8pack_mm` (the CPU int8 kernels do not apply), and the bandwidth is a
+sum over a 512 MB tensor on the device.
+
+    python benchmarks/generate_speed.py [--new 128] [--repeats 3] [--batches 1 8] [--device cpu]
 """
 
 from __future__ import annotations
@@ -72,10 +77,12 @@ def _compiled_sum() -> Callable[[np.ndarray], float] | None:
 
 
 @functools.cache
-def _readers(mb: int) -> tuple[int, list[Callable[[], object]]]:
+def _readers(mb: int, device: str = "cpu") -> tuple[int, list[Callable[[], object]]]:
     """A buffer of `mb` MB (larger than the caches) and the ways to read it, built and compiled once: the
     run measures bandwidth after every row."""
-    buf = torch.ones(mb * 1024 * 1024 // 4)
+    buf = torch.ones(mb * 1024 * 1024 // 4, device=device)
+    if buf.device.type == "cuda":
+        return buf.numel() * 4, [lambda: (buf.sum(), torch.cuda.synchronize())]
     readers: list[Callable[[], object]] = [buf.sum]
     compiled = _compiled_sum()
     if compiled is not None:
@@ -85,11 +92,12 @@ def _readers(mb: int) -> tuple[int, list[Callable[[], object]]]:
     return buf.numel() * 4, readers
 
 
-def read_bandwidth(mb: int = 512, repeats: int = 5) -> float:
+def read_bandwidth(mb: int = 512, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes/s of a streaming read over a buffer larger than the caches: the best of `repeats` runs of torch's
     sum and of a compiled parallel sum (numba), whichever is faster. torch's sum alone stays ~20% below what
-    plain loads reach here, and the fp32 decoding kernels read their weights faster than it."""
-    size, readers = _readers(mb)
+    plain loads reach here, and the fp32 decoding kernels read their weights faster than it. On a CUDA
+    device, torch's sum there."""
+    size, readers = _readers(mb, device)
     best = 0.0
     for read in readers:
         for _ in range(repeats):
@@ -134,7 +142,10 @@ class _Stamps:
 def time_generate(model: torch.nn.Module, ids: torch.Tensor, new: int, compiled_step: bool) -> tuple[float, float]:
     """Seconds of one greedy generate of `new` tokens: ours (with or without the compiled decoding step) or
     transformers'; and the seconds of its decoding steps alone, from the first new token to the last."""
+    cuda = ids.device.type == "cuda"
     with mock.patch.dict(os.environ, {"BIGMODEL_COMPILED_STEP": "1" if compiled_step else "0"}):
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         if isinstance(model, GPT):
             first = None
@@ -144,6 +155,8 @@ def time_generate(model: torch.nn.Module, ids: torch.Tensor, new: int, compiled_
             stamps = _Stamps()
             hf_generate(model, ids, new, streamer=stamps)
             first = stamps.times[1]  # [0]: the prompt, before the prefill
+        if cuda:
+            torch.cuda.synchronize()
         end = time.perf_counter()
     assert first is not None
     return end - t0, end - first
@@ -154,41 +167,47 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every row")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
     args = ap.parse_args()
+    device = args.device
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    ours = GPT(CFG).eval()
+    ours = GPT(CFG).eval().to(device)
     hf_cfg = GPT2Config(
         vocab_size=CFG.vocab_size, n_positions=CFG.block_size, n_embd=CFG.n_embd, n_layer=CFG.n_layer, n_head=CFG.n_head
     )
     hf = GPT2LMHeadModel(hf_cfg).eval()
     hf.load_state_dict(to_hf_state_dict(ours), strict=False)
     hf.tie_weights()
+    hf.to(device)
     variants = {
         "bigmodel fp32": cast_for_inference(ours, "fp32"),  # as `bigmodel generate` does: weights on huge pages
         "bigmodel bf16": cast_for_inference(copy.deepcopy(ours), "bf16"),
     }
+    cpu = torch.device(device).type == "cpu"
     with mock.patch.dict(os.environ):  # the user's environment comes back afterwards
         os.environ.pop("BIGMODEL_INT8_KERNEL", None)
-        for kernel in [k for k in KERNELS if available(k)] or [None]:  # every CPU int8 kernel, the default first
+        for kernel in [k for k in KERNELS if cpu and available(k)] or [None]:  # each CPU int8 kernel, the default first
             if kernel:
                 os.environ["BIGMODEL_INT8_KERNEL"] = kernel
             variants[f"bigmodel int8 {kernel or 'int8pack'}"] = cast_for_inference(copy.deepcopy(ours), "int8")
     op_by_op = {
         f"{name} op by op": variants[name]
-        for name in ("bigmodel fp32", "bigmodel bf16", "bigmodel int8 numba")
+        for name in ("bigmodel fp32", "bigmodel bf16", "bigmodel int8 numba" if cpu else "bigmodel int8 int8pack")
         if name in variants
     }
     variants.update(op_by_op)
-    bw = read_bandwidth()
+    bw = read_bandwidth(device=device)
+    where = f"{torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name(device)
     print(
         f"GPT-2 124M shape, random weights; prompt {PROMPT} tokens, {args.new} new tokens, greedy; "
-        f"{torch.get_num_threads()} threads; {args.repeats} rounds; measured read bandwidth {bw / 1e9:.1f} GB/s"
+        f"{where}; {args.repeats} rounds; measured read bandwidth {bw / 1e9:.1f} GB/s"
     )
 
     for batch in args.batches:
         ids = torch.randint(0, CFG.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+        ids = ids.to(device)
         with torch.no_grad():
             ref = hf_generate(hf, ids, args.new)
         same = torch.equal(ours.generate(ids, max_new_tokens=args.new), ref)
@@ -204,7 +223,7 @@ def main() -> None:
                 total, decoding = time_generate(models[name], ids, args.new, name not in op_by_op)
                 seconds[name].append(total)
                 steps[name].append(decoding)
-            bandwidths.append(read_bandwidth(repeats=3))
+            bandwidths.append(read_bandwidth(repeats=3, device=device))
         bw = max(bw, *bandwidths)
         base = batch * args.new / min(seconds["transformers fp32"])
         base_steps = batch * (args.new - 1) / min(steps["transformers fp32"])

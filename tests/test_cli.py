@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from bigmodel.cli import main
 from bigmodel.data.tokenizer import Tokenizer
@@ -242,6 +243,16 @@ def _api_text(model_dir: Path, dtype: str = "fp32", **kwargs: object) -> str:
 
     model, tok = load_for_inference(str(model_dir), dtype)
     return generate_text(model, tok, PROMPT, max_new_tokens=40, **kwargs)[0].text
+
+
+def test_generate_loads_onto_the_default_device(varied_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU when there is one, as eval and train: here the meta device stands in for it."""
+    from bigmodel import hardware
+    from bigmodel.generation import load_for_inference
+
+    monkeypatch.setattr(hardware, "default_device", lambda: torch.device("meta"))
+    model, _ = load_for_inference(str(varied_model_dir), "fp32")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
 
 
 def test_generate_stop_text_is_not_printed(varied_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,7 +5,8 @@ Reading order:
   process_logits       repetition penalty -> temperature -> top-k -> top-p -> min-p (transformers' order)
   decode               the loop: left-padded batch prefill into a preallocated KV cache, then one token
                        per step for every row; yields each step's tokens and their log-probabilities
-  compiled_decoder     decoding steps as compiled code on CPUs (models/gpt_numba.py), when they apply
+  compiled_decoder     decoding steps as compiled code on CPUs (models/gpt_numba.py) or as a CUDA graph
+                       (models/gpt_graph.py), when they apply
   generate             token ids in, token ids out (what `GPT.generate` calls)
   TextStream           incremental detokenisation: UTF-8-safe chunks, stop strings never emitted
   generate_text/stream_text   strings in, strings out (CLI, server)
@@ -152,24 +153,31 @@ def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig, *, logpr
 
 
 def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | None:
-    """The compiled decoding step (models/gpt_numba.py) for this model and cache, or None where it does not
-    apply: another model class, swapped submodules or forward hooks, weights not float32, bf16 or
-    numba-int8, not on the CPU, more than 16 rows, numba missing, or BIGMODEL_COMPILED_STEP=0 (or false,
-    no, off). Steps then run the model's forward op by op: the same results to float32 rounding, except
-    for bf16 models, whose compiled step computes in float32 (bf16 weights and KV cache, float32
-    activations and sums) where their forward computes in bf16."""
+    """The decoding step that replaces the op-by-op forward where it applies, or None:
+
+    - on CPUs, the compiled step (models/gpt_numba.py): GPT's own classes without forward hooks, float32,
+      bf16 or numba-int8 weights, at most 16 rows, numba installed. The same results to float32 rounding,
+      except for bf16 models, whose compiled step computes in float32 (bf16 weights and KV cache, float32
+      activations and sums) where their forward computes in bf16;
+    - on CUDA devices, the model's forward with fixed shapes captured as a CUDA graph (models/gpt_graph.py):
+      a GPT without forward hooks. The same results to the order of float additions.
+
+    BIGMODEL_COMPILED_STEP=0 (or false, no, off) turns both off. Steps then run the forward op by op."""
     if hardware.switched_off("BIGMODEL_COMPILED_STEP") or not isinstance(model, GPT):
         return None
-    if _device(model).type != "cpu":  # (before importing numba)
-        return None
-    from bigmodel.compress import int8_kernels
-
-    kernels = int8_kernels.compiled()
-    if kernels is None:
-        return None
+    device = _device(model)
     try:
-        return kernels.CompiledDecoder.build(model, cache, visible)
-    except Exception as e:  # never seen; the op-by-op path decodes any model the forward accepts
+        if device.type == "cuda":
+            from bigmodel.models import gpt_graph
+
+            return None if gpt_graph.has_forward_hooks(model) else gpt_graph.GraphStep(model, cache, visible)
+        if device.type != "cpu":
+            return None
+        from bigmodel.compress import int8_kernels  # (imports numba: not before the device is known)
+
+        kernels = int8_kernels.compiled()
+        return None if kernels is None else kernels.CompiledDecoder.build(model, cache, visible)
+    except Exception as e:  # the op-by-op path decodes any model the forward accepts
         warnings.warn(f"the compiled decoding step is unavailable ({e!r}); decoding op by op", stacklevel=2)
         return None
 
@@ -218,7 +226,7 @@ def _decode_steps(
             logits, _ = model(ids, cache=cache, last_only=True, position_ids=prompt_positions, attn_mask=mask)
         next_pos = positions[:, -1] + 1  # (N,)
         done = torch.zeros(N, dtype=torch.bool, device=device)
-        compiled = compiled_decoder(model, cache, real)  # prompt keys: the real tokens
+        compiled = compiled_decoder(model, cache, real) if new > 1 else None  # prompt keys: the real tokens
         for step in range(new):
             raw = logits[:, -1, :].float()  # (N, V)
             scores = process_logits(raw, seen, cfg)
@@ -516,7 +524,8 @@ def cast_for_inference(model: GPT, dtype: str = "auto") -> GPT:
 
 
 def load_for_inference(model_path: str, dtype: str = "auto") -> tuple[GPT, Tokenizer]:
-    """Model (in the requested dtype) and its tokenizer from a model or run directory."""
+    """Model (in the requested dtype, on the GPU when there is one, as `bigmodel eval` and `train` run) and
+    its tokenizer from a model or run directory."""
     from bigmodel.data.tokenizer import Tokenizer
     from bigmodel.evaluation import resolve_model_dir
 
@@ -524,6 +533,7 @@ def load_for_inference(model_path: str, dtype: str = "auto") -> tuple[GPT, Token
     model = GPT.from_pretrained(model_dir)
     if not ((model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file()):
         raise UserError(f"{model_dir} has no tokenizer.json; generate needs the model's tokenizer beside it")
+    model = model.to(hardware.default_device())
     return cast_for_inference(model, dtype), Tokenizer.from_pretrained(model_dir)
 
 

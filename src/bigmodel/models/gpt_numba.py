@@ -35,6 +35,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from bigmodel.models.gpt import GPT, MLP, Block, LayerNorm
+from bigmodel.models.gpt_graph import has_forward_hooks
 from bigmodel.nn.attention import CausalSelfAttention
 
 MAX_ROWS = 16  # decoding steps of more rows run op by op
@@ -624,12 +625,7 @@ def _norm(module: Any) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _plain(model: Any) -> bool:
     """GPT's own forward and block classes, and no forward hooks anywhere: what the compiled step computes."""
-    if not isinstance(model, GPT) or type(model).forward is not GPT.forward:
-        return False
-    hooks = torch.nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return False
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+    if not isinstance(model, GPT) or type(model).forward is not GPT.forward or has_forward_hooks(model):
         return False
     return all(
         type(b) is Block and type(b.attn) is CausalSelfAttention and type(b.mlp) is MLP for b in model.transformer.h
