@@ -97,27 +97,35 @@ def test_the_engine_decodes_the_same_through_the_fixed_shape_step(kw: dict, monk
 
 
 def test_cuda_models_take_the_graph_unless_they_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine's choice for a CUDA model, without a GPU: GraphStep stands in for the capture."""
+    """The engine's choice for a CUDA model, without a GPU: the capture is recorded instead of run."""
     model = _model("fp32")
-    made = []
+    captured = []
     monkeypatch.setattr(generation, "_device", lambda m: torch.device("cuda"))
-    monkeypatch.setattr(gpt_graph, "GraphStep", lambda *a, **kw: made.append(kw) or "graph")
+    monkeypatch.setattr(GraphStep, "_capture", lambda self: captured.append(self))
     visible = torch.ones(1, 4, dtype=torch.bool)
-    assert generation.compiled_decoder(model, model.new_cache(1, 8), visible) == "graph"
-    assert made == [{}]  # captured: the default
+    step = generation.compiled_decoder(model, model.new_cache(1, 8), visible)
+    assert isinstance(step, GraphStep) and captured == [step]
     handle = model.transformer.h[0].register_forward_pre_hook(lambda mod, args: None)
     assert gpt_graph.has_forward_hooks(model)
     assert generation.compiled_decoder(model, model.new_cache(1, 8), visible) is None  # a graph runs no hook
     handle.remove()
     assert not gpt_graph.has_forward_hooks(model)
+
+    class Custom(GPT):
+        def forward(self, idx, targets=None, **kw):  # type: ignore[no-untyped-def]
+            return super().forward(idx, targets, **kw)
+
+    custom = Custom(model.config).eval()
+    assert generation.compiled_decoder(custom, custom.new_cache(1, 8), visible) is None  # its own forward
     monkeypatch.setenv("BIGMODEL_COMPILED_STEP", "0")
     assert generation.compiled_decoder(model, model.new_cache(1, 8), visible) is None
     monkeypatch.delenv("BIGMODEL_COMPILED_STEP")
+    assert len(captured) == 1
 
-    def failing(*a, **kw):  # type: ignore[no-untyped-def]
+    def failing(self):  # type: ignore[no-untyped-def]
         raise RuntimeError("simulated capture failure")
 
-    monkeypatch.setattr(gpt_graph, "GraphStep", failing)
+    monkeypatch.setattr(GraphStep, "_capture", failing)
     with pytest.warns(UserWarning, match="simulated capture failure"):
         assert generation.compiled_decoder(model, model.new_cache(1, 8), visible) is None
 

@@ -83,6 +83,15 @@ class GraphStep:
         if capture:
             self._capture()
 
+    @classmethod
+    def build(cls, model: GPT, cache: KVCache, visible: torch.Tensor) -> GraphStep | None:
+        """A captured step, or None for a model whose forward a graph would not replay faithfully: a GPT
+        subclass with its own forward, or one with forward hooks (either may do Python work every step,
+        which a graph would do once, at capture)."""
+        if type(model).forward is not GPT.forward or has_forward_hooks(model):
+            return None
+        return cls(model, cache, visible)
+
     def _forward(self) -> torch.Tensor:
         logits, _ = self.model(
             self.tokens, cache=self.view, last_only=True, position_ids=self.positions, attn_mask=self.mask
@@ -90,19 +99,21 @@ class GraphStep:
         return logits
 
     def _capture(self) -> None:
-        """Record one step. CUDA graphs want a few eager runs on a side stream first (they set up cuBLAS
-        workspaces and the like); those write keys and values at the cache's next position, which the first
-        real step overwrites, and no row sees that position until then."""
+        """Record one step. CUDA graphs want a few eager runs on a side stream first, the stream the capture
+        then uses (cuBLAS sets up its handle and workspace per stream); those runs write keys and values at
+        the cache's next position, which the first real step overwrites, and no row sees that position
+        until then."""
         self.view.index.fill_(self.cache.pos)
-        stream = torch.cuda.Stream(self.tokens.device)
-        stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
+        device = self.tokens.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(3):
                 self._forward()
-        torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA work from other threads (a server's other requests) does not break the capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
             self.logits = self._forward()
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
