@@ -150,7 +150,10 @@ def time_generate(model: torch.nn.Module, ids: torch.Tensor, new: int, compiled_
         if isinstance(model, GPT):
             first = None
             for _ in decode(model, ids.tolist(), GenerationConfig(max_new_tokens=new), logprobs=False):  # as generate
-                first = first or time.perf_counter()
+                if first is None:
+                    if cuda:  # the prompt's kernels done, as transformers' streamer (.cpu()) waits for them
+                        torch.cuda.synchronize()
+                    first = time.perf_counter()
         else:
             stamps = _Stamps()
             hf_generate(model, ids, new, streamer=stamps)

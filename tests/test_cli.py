@@ -255,6 +255,20 @@ def test_generate_loads_onto_the_default_device(varied_model_dir: Path, monkeypa
     assert {p.device.type for p in model.parameters()} == {"meta"}
 
 
+def test_generate_int8_stays_on_the_cpu_where_the_gpu_has_no_int8_kernel(
+    varied_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bigmodel import hardware
+    from bigmodel.compress import quantize
+    from bigmodel.generation import load_for_inference
+
+    monkeypatch.setattr(hardware, "default_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(quantize, "int8pack_runs_on", lambda device: device.type == "cpu")
+    with pytest.warns(UserWarning, match="no cuda kernel for int8 weights.*decoding on the CPU"):
+        model, _ = load_for_inference(str(varied_model_dir), "int8")
+    assert {t.device.type for t in model.state_dict().values()} == {"cpu"}
+
+
 def test_generate_stop_text_is_not_printed(varied_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     full = _generate(capsys, varied_model_dir, "--greedy", "--dtype", "fp32")
     assert full.startswith(PROMPT) and full.endswith("\n")

@@ -533,8 +533,18 @@ def load_for_inference(model_path: str, dtype: str = "auto") -> tuple[GPT, Token
     model = GPT.from_pretrained(model_dir)
     if not ((model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file()):
         raise UserError(f"{model_dir} has no tokenizer.json; generate needs the model's tokenizer beside it")
-    model = model.to(hardware.default_device())
-    return cast_for_inference(model, dtype), Tokenizer.from_pretrained(model_dir)
+    device = hardware.default_device()
+    if dtype == "int8":
+        from bigmodel.compress.quantize import int8pack_runs_on
+
+        if not int8pack_runs_on(device):
+            warnings.warn(
+                f"this torch has no {device.type} kernel for int8 weights (torch._weight_int8pack_mm): "
+                f"decoding on the CPU (--dtype bf16 decodes on the {device.type} device)",
+                stacklevel=2,
+            )
+            device = torch.device("cpu")
+    return cast_for_inference(model.to(device), dtype), Tokenizer.from_pretrained(model_dir)
 
 
 def run_generate(args: Any) -> int:

@@ -102,6 +102,17 @@ def test_forced_int8_kernel_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
         Int8Linear(_weight(), None)
 
 
+def test_int8_weights_where_torch_has_no_kernel_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU whose torch lacks a _weight_int8pack_mm kernel (CUDA's is recent): a clear error at quantization."""
+    assert quantize.int8pack_runs_on(torch.device("cpu"))
+    monkeypatch.setattr(quantize, "int8pack_runs_on", lambda device: device.type == "cpu")
+    for forced in ("", "int8pack"):
+        monkeypatch.setenv("BIGMODEL_INT8_KERNEL", forced)
+        with pytest.raises(ValueError, match="no cuda kernel for int8 weights"):
+            quantize.int8_kernel(torch.device("cuda"))
+    assert quantize.int8_kernel(torch.device("cpu")) == "int8pack"  # (forced)
+
+
 @FBGEMM
 def test_int8_linear_fbgemm_error_within_activation_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
     """fbgemm quantizes activations per call (7-bit range): the error is bounded by that rounding alone."""

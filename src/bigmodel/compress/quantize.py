@@ -47,8 +47,16 @@ def fbgemm_available() -> bool:
 KERNELS = ("numba", "fbgemm", "int8pack")
 
 
+def int8pack_runs_on(device: torch.device) -> bool:
+    """Whether this torch has a `torch._weight_int8pack_mm` kernel for the device type: on CPUs always, on
+    GPUs only in recent versions."""
+    key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", key)
+
+
 def int8_kernel(device: torch.device) -> str:
-    """The int8 kernel for weights on `device`: BIGMODEL_INT8_KERNEL if set, else the fastest available."""
+    """The int8 kernel for weights on `device`: BIGMODEL_INT8_KERNEL if set, else the fastest available.
+    A ValueError where none runs there (a GPU with a torch whose int8pack has no kernel for it)."""
     forced = os.environ.get("BIGMODEL_INT8_KERNEL", "")
     if forced:
         if forced not in KERNELS:
@@ -57,11 +65,17 @@ def int8_kernel(device: torch.device) -> str:
             raise ValueError(f"the {forced} int8 kernel runs on CPUs only, the weights are on {device}")
         if (forced == "numba" and not int8_kernels.available()) or (forced == "fbgemm" and not fbgemm_available()):
             raise ValueError(f"BIGMODEL_INT8_KERNEL={forced}: that kernel is not available in this installation")
-        return forced
-    if device.type == "cpu" and int8_kernels.available():
+        if forced != "int8pack":
+            return forced
+    elif device.type == "cpu" and int8_kernels.available():
         return "numba"
-    if device.type == "cpu" and fbgemm_available():
+    elif device.type == "cpu" and fbgemm_available():
         return "fbgemm"
+    if not int8pack_runs_on(device):
+        raise ValueError(
+            f"this torch ({torch.__version__}) has no {device.type} kernel for int8 weights "
+            f"(torch._weight_int8pack_mm): quantize the model on the CPU, or use bf16 on {device}"
+        )
     return "int8pack"
 
 

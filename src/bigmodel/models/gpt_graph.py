@@ -9,9 +9,12 @@ written, and each new key and value goes to the position held in a tensor (`Stat
 a Python int. Everything else is the model's own forward (any dtype, Int8Linear, swapped Linear
 subclasses), so the logits equal the op-by-op step's up to the order of float additions.
 
-`GraphStep(model, cache, visible, capture=False)` runs the same fixed-shape step without a graph: on the
-CPU that is how the tests check it. The engine (generation.py) takes the graph on CUDA devices unless
-BIGMODEL_COMPILED_STEP=0, and falls back to op-by-op steps with a warning if capturing or replaying fails.
+A graph replays what the Python code did once, at capture, so nothing the forward sees from Python may
+change between steps: StaticCache holds the cache's tensors and a position fixed at capture, never the
+live KVCache. `GraphStep(model, cache, visible, capture=False)` runs the same fixed-shape step without a
+graph, seeing exactly what the graph saw: on the CPU that is how the tests check it. The engine
+(generation.py) takes the graph on CUDA devices unless BIGMODEL_COMPILED_STEP=0, and falls back to
+op-by-op steps with a warning if capturing or replaying raises.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from typing import Any
 
 import torch
 
-from bigmodel.models.gpt import GPT
-from bigmodel.nn.attention import KVCache
+from bigmodel.models.gpt import GPT, MLP, Block
+from bigmodel.nn.attention import CausalSelfAttention, KVCache
 
 
 def has_forward_hooks(model: torch.nn.Module) -> bool:
@@ -33,25 +36,34 @@ def has_forward_hooks(model: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def plain_gpt(model: torch.nn.Module) -> bool:
+    """GPT's own forward, block, attention and MLP classes, and no forward hooks: a model whose step does
+    no Python work beyond GPT's own (what the compiled CPU step computes, and what a graph replays
+    faithfully). Linear and norm layers may be anything their forward computes with tensors."""
+    if not isinstance(model, GPT) or type(model).forward is not GPT.forward or has_forward_hooks(model):
+        return False
+    return all(
+        type(b) is Block and type(b.attn) is CausalSelfAttention and type(b.mlp) is MLP for b in model.transformer.h
+    )
+
+
 class StaticCache:
-    """A KVCache seen with fixed shapes, what the model's attention reads during a graph step: `update`
-    writes the new keys and values at the position held in `index` (a (1,) tensor on the cache's device)
-    and returns all `max_len` positions, which the step's mask hides until they are written. `pos` is the
-    wrapped cache's (the forward reads it only to check the length); `advance` does nothing, since a
-    replayed graph runs no Python: GraphStep advances the wrapped cache after each step."""
+    """The KV cache as a graph step sees it, with fixed shapes: `update` writes the new keys and values at
+    the position held in `index` (a (1,) tensor on the cache's device) and returns all `max_len`
+    positions, which the step's mask hides until they are written. It holds the cache's tensors, not the
+    KVCache, whose `pos` changes every step: its own `pos` stays the position at capture (the forward reads
+    it only for its length check, which GraphStep makes once for the whole cache), and `advance` does
+    nothing (GraphStep advances the KVCache after each step)."""
 
     def __init__(self, cache: KVCache) -> None:
-        self.cache = cache
+        self.k, self.v = cache.k, cache.v
         self.max_len = cache.max_len
+        self.pos = cache.pos
         self.index = torch.zeros(1, dtype=torch.long, device=cache.k.device)
-
-    @property
-    def pos(self) -> int:
-        return self.cache.pos
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, nh, 1, hd) stored at position `index`; returns the whole cache (B, nh, max_len, hd)."""
-        k_all, v_all = self.cache.k[layer], self.cache.v[layer]
+        k_all, v_all = self.k[layer], self.v[layer]
         k_all.index_copy_(2, self.index, k)
         v_all.index_copy_(2, self.index, v)
         return k_all, v_all
@@ -71,6 +83,11 @@ class GraphStep:
 
     def __init__(self, model: GPT, cache: KVCache, visible: torch.Tensor, *, capture: bool = True) -> None:
         N, L = visible.shape
+        if cache.max_len > model.config.block_size:  # (the forward's own check runs once, at capture)
+            raise ValueError(
+                f"a KV cache of {cache.max_len} positions is longer than the context window "
+                f"(block_size={model.config.block_size})"
+            )
         device = cache.k.device
         self.model, self.cache = model, cache
         self.view = StaticCache(cache)
@@ -85,12 +102,10 @@ class GraphStep:
 
     @classmethod
     def build(cls, model: GPT, cache: KVCache, visible: torch.Tensor) -> GraphStep | None:
-        """A captured step, or None for a model whose forward a graph would not replay faithfully: a GPT
-        subclass with its own forward, or one with forward hooks (either may do Python work every step,
+        """A captured step, or None for a model whose step a graph would not replay faithfully (see
+        plain_gpt: a subclass with its own forward, swapped blocks or hooks may do Python work every step,
         which a graph would do once, at capture)."""
-        if type(model).forward is not GPT.forward or has_forward_hooks(model):
-            return None
-        return cls(model, cache, visible)
+        return cls(model, cache, visible) if plain_gpt(model) else None
 
     def _forward(self) -> torch.Tensor:
         logits, _ = self.model(
@@ -105,16 +120,21 @@ class GraphStep:
         until then."""
         self.view.index.fill_(self.cache.pos)
         device = self.tokens.device
+        current = torch.cuda.current_stream(device)
         stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._forward()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA work from other threads (a server's other requests) does not break the capture
-        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
-            self.logits = self._forward()
+        stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self._forward()
+            current.wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA work from the process's other threads does not break the capture
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                self.logits = self._forward()
+            self.graph = graph
+        finally:  # a capture that fails can leave its stream current (its exit raises before restoring it)
+            torch.cuda.set_stream(current)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (N,), positions (N,) (each row's own position id) -> next-token logits (N, 1, V)."""

@@ -34,9 +34,8 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from bigmodel.models.gpt import GPT, MLP, Block, LayerNorm
-from bigmodel.models.gpt_graph import has_forward_hooks
-from bigmodel.nn.attention import CausalSelfAttention
+from bigmodel.models.gpt import LayerNorm
+from bigmodel.models.gpt_graph import plain_gpt
 
 MAX_ROWS = 16  # decoding steps of more rows run op by op
 
@@ -623,15 +622,6 @@ def _norm(module: Any) -> tuple[np.ndarray, np.ndarray] | None:
     return None if w is None or b is None else (w, b)
 
 
-def _plain(model: Any) -> bool:
-    """GPT's own forward and block classes, and no forward hooks anywhere: what the compiled step computes."""
-    if not isinstance(model, GPT) or type(model).forward is not GPT.forward or has_forward_hooks(model):
-        return False
-    return all(
-        type(b) is Block and type(b.attn) is CausalSelfAttention and type(b.mlp) is MLP for b in model.transformer.h
-    )
-
-
 class CompiledDecoder:
     """Decoding steps of a GPT (see models/gpt.py) for M <= MAX_ROWS rows, sharing the KV cache the
     prefill filled. Build it with `CompiledDecoder.build`, which answers None when the model cannot take
@@ -665,7 +655,7 @@ class CompiledDecoder:
         """visible (M, S) bool: the cache positions already filled that each row may attend to."""
         t = model.transformer
         M = visible.shape[0]
-        if M > MAX_ROWS or not _usable or not _plain(model):
+        if M > MAX_ROWS or not _usable or not plain_gpt(model):
             return None
         k, v = _view(cache.k), _view(cache.v)
         if k is None or v is None or not (cache.k.is_contiguous() and cache.v.is_contiguous()):  # (KVCache's are)
