@@ -160,7 +160,8 @@ def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | Non
       except for bf16 models, whose compiled step computes in float32 (bf16 weights and KV cache, float32
       activations and sums) where their forward computes in bf16;
     - on CUDA devices, the model's forward with fixed shapes captured as a CUDA graph (models/gpt_graph.py):
-      GPT's own forward without forward hooks. The same results to the order of float additions.
+      GPT's own classes (any Linear and norm layers) without forward hooks. The same results to the order
+      of float additions.
 
     BIGMODEL_COMPILED_STEP=0 (or false, no, off) turns both off. Steps then run the forward op by op."""
     if hardware.switched_off("BIGMODEL_COMPILED_STEP") or not isinstance(model, GPT):
