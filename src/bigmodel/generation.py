@@ -6,7 +6,7 @@ Reading order:
   decode               the loop: left-padded batch prefill into a preallocated KV cache, then one token
                        per step for every row; yields each step's tokens and their log-probabilities
   compiled_decoder     decoding steps as compiled code on CPUs (models/gpt_numba.py) or as a CUDA graph
-                       (models/gpt_graph.py), when they apply
+                       (models/gpt_graph.py), for models of GPT's own classes (plain_gpt)
   generate             token ids in, token ids out (what `GPT.generate` calls)
   TextStream           incremental detokenisation: UTF-8-safe chunks, stop strings never emitted
   generate_text/stream_text   strings in, strings out (CLI, server)
@@ -26,7 +26,8 @@ import torch
 
 from bigmodel import hardware
 from bigmodel.errors import UserError
-from bigmodel.models.gpt import GPT
+from bigmodel.models.gpt import GPT, MLP, Block
+from bigmodel.nn.attention import CausalSelfAttention
 
 if TYPE_CHECKING:
     from bigmodel.data.tokenizer import Tokenizer
@@ -152,6 +153,26 @@ def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig, *, logpr
     return _decode_steps(model, rows, new, cfg, logprobs)
 
 
+def has_forward_hooks(model: torch.nn.Module) -> bool:
+    """Whether any forward (pre-)hook, global or on a submodule, would run with the model's forward."""
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def plain_gpt(model: torch.nn.Module) -> bool:
+    """GPT's own forward, block, attention and MLP classes, and no forward hooks: a model whose step does no
+    Python work beyond GPT's own, which is what the compiled CPU step computes and what a CUDA graph
+    replays faithfully (it would do such work once, at capture). Linear and norm layers may be anything
+    that computes with tensors (the CPU step checks them itself)."""
+    if not isinstance(model, GPT) or type(model).forward is not GPT.forward or has_forward_hooks(model):
+        return False
+    return all(
+        type(b) is Block and type(b.attn) is CausalSelfAttention and type(b.mlp) is MLP for b in model.transformer.h
+    )
+
+
 def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | None:
     """The decoding step that replaces the op-by-op forward where it applies, or None:
 
@@ -164,14 +185,14 @@ def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | Non
       of float additions.
 
     BIGMODEL_COMPILED_STEP=0 (or false, no, off) turns both off. Steps then run the forward op by op."""
-    if hardware.switched_off("BIGMODEL_COMPILED_STEP") or not isinstance(model, GPT):
+    if hardware.switched_off("BIGMODEL_COMPILED_STEP") or not plain_gpt(model):
         return None
     device = _device(model)
     try:
         if device.type == "cuda":
             from bigmodel.models import gpt_graph
 
-            return gpt_graph.GraphStep.build(model, cache, visible)
+            return gpt_graph.GraphStep(model, cache, visible)
         if device.type != "cpu":
             return None
         from bigmodel.compress import int8_kernels  # (imports numba: not before the device is known)

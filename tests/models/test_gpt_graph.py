@@ -14,7 +14,6 @@ import torch
 from bigmodel import generation
 from bigmodel.compress import quantize
 from bigmodel.generation import GenerationConfig, cast_for_inference, decode
-from bigmodel.models import gpt_graph
 from bigmodel.models.gpt import GPT
 from bigmodel.models.gpt_graph import GraphStep
 from bigmodel.nn.attention import CausalSelfAttention
@@ -123,10 +122,10 @@ def test_cuda_models_take_the_graph_unless_they_cannot(monkeypatch: pytest.Monke
     step = generation.compiled_decoder(model, model.new_cache(1, 8), visible)
     assert isinstance(step, GraphStep) and captured == [step]
     handle = model.transformer.h[0].register_forward_pre_hook(lambda mod, args: None)
-    assert gpt_graph.has_forward_hooks(model)
+    assert generation.has_forward_hooks(model)
     assert generation.compiled_decoder(model, model.new_cache(1, 8), visible) is None  # a graph runs no hook
     handle.remove()
-    assert not gpt_graph.has_forward_hooks(model)
+    assert not generation.has_forward_hooks(model)
 
     class Custom(GPT):
         def forward(self, idx, targets=None, **kw):  # type: ignore[no-untyped-def]

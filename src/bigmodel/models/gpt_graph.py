@@ -13,7 +13,8 @@ A graph replays what the Python code did once, at capture, so nothing the forwar
 change between steps: StaticCache holds the cache's tensors and a position fixed at capture, never the
 live KVCache. `GraphStep(model, cache, visible, capture=False)` runs the same fixed-shape step without a
 graph, seeing exactly what the graph saw: on the CPU that is how the tests check it. The engine
-(generation.py) takes the graph on CUDA devices unless BIGMODEL_COMPILED_STEP=0, and falls back to
+(generation.py) takes the graph on CUDA devices for GPT's own classes (`plain_gpt` there) unless
+BIGMODEL_COMPILED_STEP=0, and falls back to
 op-by-op steps with a warning if capturing or replaying raises.
 """
 
@@ -23,28 +24,8 @@ from typing import Any
 
 import torch
 
-from bigmodel.models.gpt import GPT, MLP, Block
-from bigmodel.nn.attention import CausalSelfAttention, KVCache
-
-
-def has_forward_hooks(model: torch.nn.Module) -> bool:
-    """Whether any forward (pre-)hook, global or on a submodule, would run with the model's forward. A
-    compiled or captured step runs none of them (a graph would replay what they did once, at capture)."""
-    hooks = torch.nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
-def plain_gpt(model: torch.nn.Module) -> bool:
-    """GPT's own forward, block, attention and MLP classes, and no forward hooks: a model whose step does
-    no Python work beyond GPT's own (what the compiled CPU step computes, and what a graph replays
-    faithfully). Linear and norm layers may be anything their forward computes with tensors."""
-    if not isinstance(model, GPT) or type(model).forward is not GPT.forward or has_forward_hooks(model):
-        return False
-    return all(
-        type(b) is Block and type(b.attn) is CausalSelfAttention and type(b.mlp) is MLP for b in model.transformer.h
-    )
+from bigmodel.models.gpt import GPT
+from bigmodel.nn.attention import KVCache
 
 
 class StaticCache:
@@ -57,7 +38,6 @@ class StaticCache:
 
     def __init__(self, cache: KVCache) -> None:
         self.k, self.v = cache.k, cache.v
-        self.max_len = cache.max_len
         self.pos = cache.pos
         self.index = torch.zeros(1, dtype=torch.long, device=cache.k.device)
 
@@ -75,7 +55,8 @@ class StaticCache:
 class GraphStep:
     """Decoding steps of a GPT for the rows of `cache`, which the prefill filled: one new token per row per
     call, through the model's forward on fixed-shape inputs, captured once as a CUDA graph (capture=True,
-    CUDA devices only) or run as it is (capture=False).
+    CUDA devices only) or run as it is (capture=False). For a model that does no Python work of its own
+    in a step (generation.plain_gpt: the engine checks it), since a graph would do that work once only.
 
     visible (N, L) bool: the cache positions already filled that each row may attend to (its prompt's real
     tokens). Each call makes its own position visible to every row, as the op-by-op step does.
@@ -99,13 +80,6 @@ class GraphStep:
         self.logits: torch.Tensor | None = None  # the graph's output buffer, rewritten by every replay
         if capture:
             self._capture()
-
-    @classmethod
-    def build(cls, model: GPT, cache: KVCache, visible: torch.Tensor) -> GraphStep | None:
-        """A captured step, or None for a model whose step a graph would not replay faithfully (see
-        plain_gpt: a subclass with its own forward, swapped blocks or hooks may do Python work every step,
-        which a graph would do once, at capture)."""
-        return cls(model, cache, visible) if plain_gpt(model) else None
 
     def _forward(self) -> torch.Tensor:
         logits, _ = self.model(
@@ -139,8 +113,7 @@ class GraphStep:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (N,), positions (N,) (each row's own position id) -> next-token logits (N, 1, V)."""
         pos = self.cache.pos
-        if pos >= self.cache.max_len:
-            raise ValueError(f"KV cache holds {self.cache.max_len} positions; {pos + 1} requested")
+        self.cache.check_room(1)
         self.tokens.copy_(tokens[:, None])
         self.positions.copy_(positions[:, None])
         self.view.index.fill_(pos)

@@ -35,7 +35,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from bigmodel.models.gpt import LayerNorm
-from bigmodel.models.gpt_graph import plain_gpt
 
 MAX_ROWS = 16  # decoding steps of more rows run op by op
 
@@ -624,8 +623,9 @@ def _norm(module: Any) -> tuple[np.ndarray, np.ndarray] | None:
 
 class CompiledDecoder:
     """Decoding steps of a GPT (see models/gpt.py) for M <= MAX_ROWS rows, sharing the KV cache the
-    prefill filled. Build it with `CompiledDecoder.build`, which answers None when the model cannot take
-    this path (weights not float32, bf16 or numba-int8, not on the CPU, too many rows)."""
+    prefill filled. Build it with `CompiledDecoder.build`, for a model of GPT's own classes
+    (generation.plain_gpt: the engine checks it), which answers None when the model cannot take this path
+    (weights not float32, bf16 or numba-int8, not on the CPU, too many rows)."""
 
     def __init__(
         self,
@@ -655,7 +655,7 @@ class CompiledDecoder:
         """visible (M, S) bool: the cache positions already filled that each row may attend to."""
         t = model.transformer
         M = visible.shape[0]
-        if M > MAX_ROWS or not _usable or not plain_gpt(model):
+        if M > MAX_ROWS or not _usable:
             return None
         k, v = _view(cache.k), _view(cache.v)
         if k is None or v is None or not (cache.k.is_contiguous() and cache.v.is_contiguous()):  # (KVCache's are)
@@ -687,8 +687,7 @@ class CompiledDecoder:
         """tokens (M,), positions (M,) (each row's own position id) -> next-token logits (M, 1, V)."""
         match_torch_threads()
         pos = self.cache.pos
-        if pos >= self.cache.max_len:
-            raise ValueError(f"KV cache holds {self.cache.max_len} positions; {pos + 1} requested")
+        self.cache.check_room(1)
         x = self.x
         _embed(self.wte, self.wpe, tokens.numpy(), positions.numpy(), x)  # (M, C)
         self.visible[:, pos] = True

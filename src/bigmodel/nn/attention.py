@@ -33,11 +33,15 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
 
+    def check_room(self, n: int) -> None:
+        """A ValueError unless n more positions fit (decoding steps that write the cache themselves ask too)."""
+        if self.pos + n > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos + n} requested")
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hd) at positions [pos, pos+T) and return all stored (B, nh, pos+T, hd)."""
+        self.check_room(k.size(2))
         end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
         k_all, v_all = self.k[layer], self.v[layer]  # (B, nh, max_len, hd) views
         k_all.narrow(2, self.pos, k.size(2)).copy_(k)
         v_all.narrow(2, self.pos, v.size(2)).copy_(v)
