@@ -22,6 +22,7 @@ from sklearn.tree import DecisionTreeClassifier
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from bigmodel import hardware
 from bigmodel.calibration import expected_calibration_error
 from bigmodel.cli import main
 from bigmodel.data.loader import TokenShards
@@ -349,10 +350,12 @@ def test_cli_ensemble_eval(lm_dirs: list[Path], bpe_data: Path, capsys: pytest.C
     report = json.loads(capsys.readouterr().out)
     val = TokenShards(bpe_data, "val")
     ens = LMEnsemble.from_pretrained(lm_dirs)
+    amp = hardware.autocast_dtype("auto", torch.device("cpu"))  # --precision auto: bf16 where it is native
     for row, member in zip(report["members"], ens.gpts, strict=True):  # scored on the ensemble's windows (32)
-        expected = evaluate(member, val, max_tokens=1000, block_size=32)
+        expected = evaluate(member, val, max_tokens=1000, autocast_dtype=amp, block_size=32)
         assert row["loss"] == pytest.approx(expected["loss"], rel=1e-6)
-    assert report["ensemble"]["loss"] == pytest.approx(evaluate(ens, val, max_tokens=1000)["loss"], rel=1e-6)  # type: ignore[arg-type]
+    whole = evaluate(ens, val, max_tokens=1000, autocast_dtype=amp)  # type: ignore[arg-type]
+    assert report["ensemble"]["loss"] == pytest.approx(whole["loss"], rel=1e-6)
     assert report["ensemble"]["loss"] <= np.mean([r["loss"] for r in report["members"]])
 
     assert main([*args, "--mode", "logprob", "--weights", "1", "2", "1"]) == 0

@@ -92,6 +92,21 @@ def test_int8_linear_weight_only_kernels_match_dequantized_linear(rows: int, mon
         torch.testing.assert_close(y16.float(), expected, rtol=0, atol=0.03 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("inner", [8, 24, 40, 64, 100])
+def test_int8pack_bf16_inputs_of_any_inner_size(inner: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's bf16 int8pack kernel on AVX512-BF16 CPUs returns garbage (or crashes) unless the inner size
+    is a multiple of 16: those products must still come out right."""
+    monkeypatch.setenv("BIGMODEL_INT8_KERNEL", "int8pack")
+    g = torch.Generator().manual_seed(inner)
+    lin = Int8Linear(torch.randn(50, inner, generator=g), torch.randn(50, generator=g))
+    for rows in (1, 3, 17):
+        x = torch.randn(rows, inner, generator=g).bfloat16()
+        expected = F.linear(x.float(), lin.dequantized(), lin.bias)
+        y = lin(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), expected, rtol=0, atol=0.02 * float(expected.abs().max()))
+
+
 def test_forced_int8_kernel_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BIGMODEL_INT8_KERNEL", "vnni")
     with pytest.raises(ValueError, match="not one of numba, fbgemm, int8pack"):

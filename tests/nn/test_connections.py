@@ -128,6 +128,25 @@ def test_sparse_layer_equals_the_masked_dense_layer_forward_and_backward(density
     assert_close(layer.values.grad, W.grad[layer.mask()])  # gradients only for the kept connections
 
 
+def test_sparse_layer_under_bf16_autocast_computes_in_float32() -> None:
+    """Training's default on CPUs with native bf16 is bf16 autocast; sparse products have no bf16 kernel."""
+    torch.manual_seed(0)
+    layer = SparseLinear(40, 12, 0.2, seed=3)
+    x = torch.randn(6, 40, requires_grad=True)
+    y_ref = layer(x)
+    y_ref.sum().backward()
+    x_grad, v_grad = x.grad, layer.values.grad
+    x.grad = layer.values.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())  # (inputs from a bf16 layer before it)
+        assert y.dtype == torch.float32
+        assert_close(y, layer(x.detach()), rtol=1e-2, atol=2e-2)
+        y.sum().backward()
+    assert layer.values.grad is not None and x.grad is not None
+    assert_close(layer.values.grad, v_grad, rtol=1e-2, atol=2e-2)
+    assert_close(x.grad, x_grad, rtol=1e-2, atol=2e-2)  # (through the bf16 cast)
+
+
 def test_sparse_layer_gradcheck_and_leading_dimensions() -> None:
     torch.manual_seed(0)
     layer = SparseLinear(9, 4, 0.4).double()

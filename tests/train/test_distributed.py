@@ -25,6 +25,7 @@ ARGS = [
     "train.log_every=1",
     "train.eval_every=0",
     "train.deterministic=true",
+    "train.precision=fp32",  # bf16 autocast (the default on CPUs with native bf16) rounds per batch shape
 ]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 

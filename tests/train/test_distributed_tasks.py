@@ -29,6 +29,7 @@ COMMON = [
     "train.checkpoint_every=0",
     "train.deterministic=true",
     "model.dropout=0",  # ranks draw dropout masks from their own streams: only dropout-free runs can match
+    "train.precision=fp32",  # bf16 autocast (the default on CPUs with native bf16) rounds per batch shape
 ]
 CASES = {  # name: (preset, data, settings, strategies); each torchrun costs ~10 s of start-up on 2 CPU cores
     "classify": ("mlp", "digits", ["model.hidden=16", "train.lr=0.01"], ("ddp",)),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bigmodel import hardware
 from bigmodel.config import resolve_config
 from bigmodel.models.gpt import GPT
 from bigmodel.tasks.lm import LMTask
@@ -39,7 +40,9 @@ def test_label_smoothing_changes_the_training_loss_only(bpe_data: Path, tmp_path
 
     model = GPT.from_pretrained(tmp_path / "smooth" / "final")
     assert smooth.val is not None and plain.val is not None
-    assert evaluate(model, TokenShards(bpe_data, "val"))["loss"] == pytest.approx(smooth.val["loss"], rel=1e-6)
+    amp = hardware.autocast_dtype("auto", torch.device("cpu"))  # the run's precision: bf16 where it is native
+    val = evaluate(model, TokenShards(bpe_data, "val"), autocast_dtype=amp)
+    assert val["loss"] == pytest.approx(smooth.val["loss"], rel=1e-6)
 
 
 def test_penalties_are_logged_apart_and_max_norm_holds(bpe_data: Path, tmp_path: Path) -> None:

@@ -127,6 +127,16 @@ def _dequantized_linear(
     return out_t.t()
 
 
+def _int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ (weight * scales[:, None]).T through `torch._weight_int8pack_mm`, in x's dtype.
+
+    On CPUs with AVX512-BF16 (seen with torch 2.13 on an AMD Zen 5), its bf16 kernel returns garbage or
+    crashes unless the inner size is a multiple of 16; such products run in float32 and are rounded back."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.size(1) % 16:
+        return torch._weight_int8pack_mm(x.float(), weight, scales.float()).to(x.dtype)
+    return torch._weight_int8pack_mm(x, weight, scales.to(x.dtype))
+
+
 class Int8Linear(nn.Module):
     """A frozen Linear with int8 row-quantized weights, computed by the kernel `int8_kernel` picks.
 
@@ -171,7 +181,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         if self.kernel == "int8pack" or x2.device.type != "cpu":
-            y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(x2.dtype))
+            y = _int8pack_mm(x2, self.weight_int8, self.scales)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.view(*shape[:-1], self.out_features)

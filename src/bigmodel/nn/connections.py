@@ -154,7 +154,8 @@ class _CSRLinear(torch.autograd.Function):
 
     Forward and the input gradient are sparse x dense products (W and its transpose, whose CSR layout is
     precomputed); the value gradient is (dy^T x) sampled at W's pattern (`torch.sparse.sampled_addmm`),
-    so no dense k x m matrix is ever formed.
+    so no dense k x m matrix is ever formed. The products run outside autocast, in the values' dtype:
+    sparse products have no bf16 kernel on CPUs (which autocast would pick on CPUs with native bf16).
     """
 
     @staticmethod
@@ -162,19 +163,22 @@ class _CSRLinear(torch.autograd.Function):
         ctx.save_for_backward(x, values)
         ctx.layer = layer
         W = _csr(layer.crow, layer.col, values, (layer.k, layer.m))
-        return (W @ x.t()).t()  # (N, k)
+        with torch.autocast(x.device.type, enabled=False):
+            return (W @ x.t()).t()  # (N, k)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, values = ctx.saved_tensors
         layer: SparseLinear = ctx.layer
         dx = dvalues = None
-        if ctx.needs_input_grad[0]:
-            Wt = _csr(layer.t_crow, layer.t_col, values[layer.t_perm], (layer.m, layer.k))
-            dx = (Wt @ dy.t()).t()  # (N, m)
-        if ctx.needs_input_grad[1]:
-            pattern = _csr(layer.crow, layer.col, torch.zeros_like(values), (layer.k, layer.m))
-            dvalues = torch.sparse.sampled_addmm(pattern, dy.t().contiguous(), x.contiguous(), beta=0.0).values()
+        dy = dy.to(values.dtype)
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                Wt = _csr(layer.t_crow, layer.t_col, values[layer.t_perm], (layer.m, layer.k))
+                dx = (Wt @ dy.t()).t()  # (N, m)
+            if ctx.needs_input_grad[1]:
+                pattern = _csr(layer.crow, layer.col, torch.zeros_like(values), (layer.k, layer.m))
+                dvalues = torch.sparse.sampled_addmm(pattern, dy.t().contiguous(), x.contiguous(), beta=0.0).values()
         return dx, dvalues, None
 
 
