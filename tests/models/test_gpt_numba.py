@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,6 +349,40 @@ def test_int8_kernel_saturated_rows_do_not_overflow() -> None:
         gpt_numba.matmul_rows(x, q, np.ones(3, np.float32), np.zeros(3, np.float32), out)
         assert np.allclose(out[0], [127 * K, 127 * K, -127 * K], rtol=1e-6)
         assert np.allclose(out[1], [-127 * K, -127 * K, 127 * K], rtol=1e-6)
+
+
+@pytest.mark.skipif(not gpt_numba or not gpt_numba._compiles_for_avx512(), reason="AVX2 code is what this file ran")
+def test_int8_kernel_compiled_for_avx2_on_an_avx512_cpu(tmp_path: Path) -> None:
+    """The int8 sums' block width depends on the vector registers the code is compiled for (`_block`): on
+    an AVX-512 host, the exactness and overflow tests run again in a process that compiles for AVX2 only."""
+    import llvmlite.binding as llvm
+
+    from conftest import REPO, SUBPROCESS_ENV
+
+    wide = ("avx512", "avx10", "vnni", "amx", "evex512")
+    features = [
+        ("-" if not on or name.startswith(wide) or "vnni" in name else "+") + name
+        for name, on in llvm.get_host_cpu_features().items()
+    ]
+    env = {
+        **os.environ,
+        **SUBPROCESS_ENV,
+        "NUMBA_CPU_NAME": "haswell",
+        "NUMBA_CPU_FEATURES": ",".join(features),
+        "NUMBA_CACHE_DIR": str(tmp_path),
+    }
+    script = (
+        "import sys, pytest\n"
+        "from bigmodel.models import gpt_numba\n"
+        "assert not gpt_numba._compiles_for_avx512() and gpt_numba._block(1) == gpt_numba._block(4) == 16\n"
+        "sys.exit(pytest.main(['-q', '-o', 'addopts=', '-p', 'no:cacheprovider', 'tests/models/test_gpt_numba.py',\n"
+        "    '-k', 'exact_int16_products or saturated_rows_do_not_overflow']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "\n73 passed" in done.stdout, done.stdout[-3000:]  # 72 exactness cases, 1 overflow test
 
 
 def test_int8_kernel_zero_tiny_and_non_finite_rows() -> None:

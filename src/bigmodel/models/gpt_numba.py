@@ -29,6 +29,7 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
@@ -141,43 +142,93 @@ def _matmul_float(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
 # a 2-core AVX2 CPU that, not memory, bounded the float kernel (~20 GB/s of int8 weights, against ~30 GB/s
 # that plain loads reach). Rounding each activation row to int16 on its own scale (step max|x| / 32767)
 # lets the CPU multiply 16 int8 weights by 16 int16 activations and add the pairs in one instruction
-# (vpmaddwd on x86, written below as the generic LLVM vector code that compiles to it): the matrix
-# products then keep up with memory. The rounding error (at most 1/65534 of the row's largest value) is
+# (vpmaddwd on x86, written below as the generic LLVM vector code that compiles to it; with AVX-512 VNNI
+# the accumulate too, vpdpwssd, 32 at a time): the matrix products then keep up with memory. The rounding error (at most 1/65534 of the row's largest value) is
 # ~250x finer than the weights' own int8 step; rows holding NaN or inf take the float kernel instead.
 
-_CHUNK = 4096  # elements per call: each int32 lane adds 256 pairs, at most 256 * 2 * 32767 * 127 < 2**31
+# Elements per call. A block of b elements adds 2 products to each of its b / 2 lanes, each product at most
+# 32767 * 127 in magnitude: lanes of blocks of 16 add at most 512 products, and the 8 lanes summed from
+# blocks of 128 add at most 8 * 64 (blocks of 64: 4 * 128) before their int64 sum: 512 * 32767 * 127 < 2**31.
+_CHUNK = 4096
+
+
+def _compiles_for_avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512: 32 vector registers of 16 int32 lanes, against
+    AVX2's 16 of 8."""
+    features = numba.config.CPU_FEATURES  # type: ignore[attr-defined]  # (NUMBA_CPU_FEATURES, else None)
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")
+
+
+def _block(rows: int) -> int:
+    """Elements per block of `_dot_codegen` for `rows` activation rows: each row's sums take block / 2
+    int32 lanes.
+
+    With AVX-512, 2-8 registers of sums (blocks of 128 elements up to 2 rows, 64 for 3 or 4), so that
+    several sums run at once: there the multiply, pair add and accumulate are one instruction (vpdpwssd,
+    VNNI) with a latency of several cycles, and one register of sums per row left them waiting on each
+    other (42 GB/s of int8 weights at batch 1 on a Zen 5 whose plain reads reach 86; 60 with 4 registers).
+    With AVX2 the sums are added by a separate one-cycle instruction, and 16 registers hold no more than
+    one register of sums per row for 4 rows (more were spilled to memory: 4 rows ran at half the speed)."""
+    if not _compiles_for_avx512():
+        return 16
+    return 128 if rows <= 2 else 64
 
 
 def _dot_codegen(rows: int) -> Any:
     """LLVM code for `rows` dot products of int16 rows with one int8 row, over `count` elements from
     `start` (count a multiple of 16, at most _CHUNK): sign-extend, multiply, add adjacent pairs, accumulate
-    in 8 int32 lanes, and add the lanes in int64."""
+    in int32 lanes, and add the lanes in int64.
+
+    Blocks of `_block(rows)` elements go to block / 2 lanes per row, the last blocks of 16 to 8 lanes of
+    their own."""
+    block = _block(rows)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-        wide, lanes = ir.VectorType(i32, 16), ir.VectorType(i32, 8)
+        i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
         arrays = zip(signature.args[: rows + 1], args[: rows + 1], strict=True)  # the x rows, then w
         data = [context.make_array(t)(context, builder, a).data for t, a in arrays]
         start, count = args[rows + 1], args[rows + 2]
-        even = ir.Constant(lanes, [ir.Constant(i32, 2 * i) for i in range(8)])
-        odd = ir.Constant(lanes, [ir.Constant(i32, 2 * i + 1) for i in range(8)])
-        sums = [cgutils.alloca_once_value(builder, ir.Constant(lanes, None)) for _ in range(rows)]
-        blocks = builder.udiv(count, ir.Constant(count.type, 16))
-        with cgutils.for_range(builder, blocks) as loop:
-            at = builder.add(start, builder.mul(loop.index, ir.Constant(count.type, 16)))
 
-            def load(ptr: Any, kind: Any) -> Any:
-                vector = ir.VectorType(kind, 16)
-                return builder.load(builder.bitcast(builder.gep(ptr, [at]), vector.as_pointer()), align=1)
+        def constant(value: int) -> Any:
+            return ir.Constant(count.type, value)
 
-            w = builder.sext(load(data[rows], i8), wide)
-            for r in range(rows):
-                p = builder.mul(builder.sext(load(data[r], i16), wide), w, flags=["nsw"])
-                pairs = builder.add(builder.shuffle_vector(p, p, even), builder.shuffle_vector(p, p, odd))
-                builder.store(builder.add(builder.load(sums[r]), pairs), sums[r])
-        totals = []  # the 8 lanes added in int64: a whole row's sum may pass 2**31 where no lane does
-        for r in range(rows):
-            v = builder.sext(builder.load(sums[r]), ir.VectorType(ir.IntType(64), 8))
+        def accumulate(blocks: Any, first: Any, width: int) -> list[Any]:
+            """Sums (width / 2 int32 lanes per row) over `blocks` blocks of `width` elements from `first`."""
+            lanes = ir.VectorType(i32, width // 2)
+            even = ir.Constant(lanes, [ir.Constant(i32, 2 * i) for i in range(width // 2)])
+            odd = ir.Constant(lanes, [ir.Constant(i32, 2 * i + 1) for i in range(width // 2)])
+            sums = [cgutils.alloca_once_value(builder, ir.Constant(lanes, None)) for _ in range(rows)]
+            with cgutils.for_range(builder, blocks) as loop:
+                at = builder.add(first, builder.mul(loop.index, constant(width)))
+
+                def load(ptr: Any, kind: Any) -> Any:
+                    vector = ir.VectorType(kind, width)
+                    return builder.load(builder.bitcast(builder.gep(ptr, [at]), vector.as_pointer()), align=1)
+
+                w = builder.sext(load(data[rows], i8), ir.VectorType(i32, width))
+                for r in range(rows):
+                    p = builder.mul(builder.sext(load(data[r], i16), w.type), w, flags=["nsw"])
+                    pairs = builder.add(builder.shuffle_vector(p, p, even), builder.shuffle_vector(p, p, odd))
+                    builder.store(builder.add(builder.load(sums[r]), pairs), sums[r])
+            return [builder.load(v) for v in sums]
+
+        long_blocks = builder.udiv(count, constant(block))
+        tail_start = builder.add(start, builder.mul(long_blocks, constant(block)))
+        tail_blocks = builder.udiv(builder.urem(count, constant(block)), constant(16))
+        wide = accumulate(long_blocks, start, block)
+        narrow = accumulate(tail_blocks, tail_start, 16)
+        totals = []
+        for a, b in zip(wide, narrow, strict=True):
+            v = a  # block / 2 int32 lanes -> 8 in int32 (each a sum of at most 8 lanes: < 2**31, see _CHUNK)
+            while v.type.count > 8:
+                half = v.type.count // 2
+                low = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half))))
+                high = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half, 2 * half))))
+                v = builder.add(low, high)
+            # then the 8 narrow lanes and the whole row in int64: a row's sum may pass 2**31 where no lane does
+            v = builder.add(builder.sext(v, ir.VectorType(i64, 8)), builder.sext(b, ir.VectorType(i64, 8)))
             total = builder.extract_element(v, ir.Constant(i32, 0))
             for i in range(1, 8):
                 total = builder.add(total, builder.extract_element(v, ir.Constant(i32, i)))
