@@ -143,8 +143,9 @@ def _matmul_float(x: Any, w: Any, scales: Any, bias: Any, out: Any) -> None:
 # that plain loads reach). Rounding each activation row to int16 on its own scale (step max|x| / 32767)
 # lets the CPU multiply 16 int8 weights by 16 int16 activations and add the pairs in one instruction
 # (vpmaddwd on x86, written below as the generic LLVM vector code that compiles to it; with AVX-512 VNNI
-# the accumulate too, vpdpwssd, 32 at a time): the matrix products then keep up with memory. The rounding error (at most 1/65534 of the row's largest value) is
-# ~250x finer than the weights' own int8 step; rows holding NaN or inf take the float kernel instead.
+# the accumulate too, vpdpwssd, 32 at a time): the matrix products then keep up with memory. The
+# rounding error (at most 1/65534 of the row's largest value) is ~250x finer than the weights' own int8
+# step; rows holding NaN or inf take the float kernel instead.
 
 # Elements per call. A block of b elements adds 2 products to each of its b / 2 lanes, each product at most
 # 32767 * 127 in magnitude: lanes of blocks of 16 add at most 512 products, and the 8 lanes summed from
