@@ -340,7 +340,9 @@ def _prefetch_typing(typingctx: Any, row: Any, index: Any) -> Any:
 _prefetch: Any = intrinsic(_prefetch_typing)
 
 
-@_jit
+# Inlined into the parallel loop at numba's level: called from there, the same code streamed GPT-2's
+# int8 matrices 20-25% slower once they were in cache (per-row call costs; memory hid them at ~50 GB/s).
+@numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True, error_model="numpy", inline="always")
 def _few_rows_int8(xq: Any, flat: Any, n: int, ahead: int) -> tuple[Any, Any, Any]:
     """The int8 dot products of weight row n with xq's 1-3 rows (missing rows give 0; the rows share each
     loaded weight), the weights given as one row (`flat`), in segments of SEGMENT weights, each preceded
