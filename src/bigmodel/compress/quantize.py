@@ -131,7 +131,8 @@ def _int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) ->
     """x @ (weight * scales[:, None]).T through `torch._weight_int8pack_mm`, in x's dtype.
 
     On CPUs with AVX512-BF16 (seen with torch 2.13 on an AMD Zen 5), its bf16 kernel returns garbage or
-    crashes unless the inner size is a multiple of 16; such products run in float32 and are rounded back."""
+    crashes unless the inner size is a multiple of 16, so on every CPU such bf16 products run in float32
+    and are rounded back."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.size(1) % 16:
         return torch._weight_int8pack_mm(x.float(), weight, scales.float()).to(x.dtype)
     return torch._weight_int8pack_mm(x, weight, scales.to(x.dtype))

@@ -29,10 +29,10 @@ from typing import Any
 import numba
 import numpy as np
 import torch
-from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
+from numba.core import codegen as numba_codegen
 from numba.extending import intrinsic, overload
 
 from bigmodel.models.gpt import LayerNorm
@@ -45,6 +45,8 @@ MAX_ROWS = 16  # decoding steps of more rows run op by op
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
 _jit = numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True, error_model="numpy")
 _pjit = numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True, error_model="numpy", parallel=True)
+# inlined into its callers at numba's level (their parallel loops), where a call per row costs
+_ijit = numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True, error_model="numpy", inline="always")
 
 
 # --- bf16: numpy has no bfloat16, so bf16 tensors are read as their bits (uint16) ------------------------
@@ -154,11 +156,13 @@ _CHUNK = 4096
 
 
 def _compiles_for_avx512() -> bool:
-    """Whether numba compiles for a CPU with AVX-512: 32 vector registers of 16 int32 lanes, against
-    AVX2's 16 of 8."""
+    """Whether numba compiles for a CPU with AVX-512 (32 vector registers of 16 int32 lanes, against
+    AVX2's 16 of 8): NUMBA_CPU_FEATURES if set, else the host's features as numba itself reads them (it
+    drops AVX for NUMBA_ENABLE_AVX=0 and for CPU names it distrusts). A CPU named by NUMBA_CPU_NAME
+    alone is not looked at; a wrong answer costs speed, never results."""
     features = numba.config.CPU_FEATURES  # type: ignore[attr-defined]  # (NUMBA_CPU_FEATURES, else None)
     if features is None:
-        features = llvm.get_host_cpu_features().flatten()
+        features = numba_codegen.get_host_cpu_features()
     return "+avx512f" in features.split(",")
 
 
@@ -166,12 +170,12 @@ def _block(rows: int) -> int:
     """Elements per block of `_dot_codegen` for `rows` activation rows: each row's sums take block / 2
     int32 lanes.
 
-    With AVX-512, 2-8 registers of sums (blocks of 128 elements up to 2 rows, 64 for 3 or 4), so that
-    several sums run at once: there the multiply, pair add and accumulate are one instruction (vpdpwssd,
-    VNNI) with a latency of several cycles, and one register of sums per row left them waiting on each
-    other (42 GB/s of int8 weights at batch 1 on a Zen 5 whose plain reads reach 86; 60 with 4 registers).
-    With AVX2 the sums are added by a separate one-cycle instruction, and 16 registers hold no more than
-    one register of sums per row for 4 rows (more were spilled to memory: 4 rows ran at half the speed)."""
+    With AVX-512, 2-4 registers of sums per row (blocks of 128 elements up to 2 rows, 64 for 3 or 4; 4-8
+    in all), so that several sums run at once: there the multiply, pair add and accumulate are one
+    instruction (vpdpwssd, VNNI) with a latency of several cycles, and one register of sums per row left
+    them waiting on each other (measured in docs/generation.md). With AVX2 the sums are added by a
+    separate one-cycle instruction, and 16 registers hold no more than one register of sums per row for 4
+    rows (more were spilled to memory, and 4 rows ran at half the speed)."""
     if not _compiles_for_avx512():
         return 16
     return 128 if rows <= 2 else 64
@@ -340,9 +344,7 @@ def _prefetch_typing(typingctx: Any, row: Any, index: Any) -> Any:
 _prefetch: Any = intrinsic(_prefetch_typing)
 
 
-# Inlined into the parallel loop at numba's level: called from there, the same code streamed GPT-2's
-# int8 matrices 20-25% slower once they were in cache (per-row call costs; memory hid them at ~50 GB/s).
-@numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True, error_model="numpy", inline="always")
+@_ijit  # called per weight row, the same code streamed GPT-2's int8 matrices 20-25% slower from cache
 def _few_rows_int8(xq: Any, flat: Any, n: int, ahead: int) -> tuple[Any, Any, Any]:
     """The int8 dot products of weight row n with xq's 1-3 rows (missing rows give 0; the rows share each
     loaded weight), the weights given as one row (`flat`), in segments of SEGMENT weights, each preceded

@@ -154,8 +154,8 @@ class _CSRLinear(torch.autograd.Function):
 
     Forward and the input gradient are sparse x dense products (W and its transpose, whose CSR layout is
     precomputed); the value gradient is (dy^T x) sampled at W's pattern (`torch.sparse.sampled_addmm`),
-    so no dense k x m matrix is ever formed. The products run outside autocast, in the values' dtype:
-    sparse products have no bf16 kernel on CPUs (which autocast would pick on CPUs with native bf16).
+    so no dense k x m matrix is ever formed. The products run outside autocast, in the values' dtype (on
+    GPUs too): sparse products have no bf16 kernel on CPUs, where autocast picks bf16 if it is native.
     """
 
     @staticmethod
@@ -171,7 +171,6 @@ class _CSRLinear(torch.autograd.Function):
         x, values = ctx.saved_tensors
         layer: SparseLinear = ctx.layer
         dx = dvalues = None
-        dy = dy.to(values.dtype)
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 Wt = _csr(layer.t_crow, layer.t_col, values[layer.t_perm], (layer.m, layer.k))
