@@ -204,6 +204,26 @@ def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | Non
         return None
 
 
+def left_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Prompts of different lengths as one batch, padded on the left: ids (N, L), real (N, L) bool (not
+    padding), and each token's position id (N, L), counted from its row's first real token."""
+    N, L = len(rows), max(len(p) for p in rows)
+    ids = torch.full((N, L), pad, dtype=torch.long, device=device)
+    real = torch.zeros((N, L), dtype=torch.bool, device=device)
+    for i, p in enumerate(rows):
+        ids[i, L - len(p) :] = torch.tensor(p, device=device)
+        real[i, L - len(p) :] = True
+    return ids, real, (real.cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt_mask(real: torch.Tensor) -> torch.Tensor:
+    """The prompt's attention mask (N, 1, L, L) for left-padded rows: causal, padding hidden, and every query
+    may see itself (no empty rows)."""
+    L = real.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=real.device).tril()
+    return ((causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=real.device))[:, None]
+
+
 def _argmax(scores: torch.Tensor) -> torch.Tensor:
     """scores.argmax(-1): on the CPU through numpy, whose vectorised argmax over GPT-2's 50257 logits takes
     ~5 us against torch's ~50 (1% of a decoding step). Same answer: the first maximum, or the first NaN."""
@@ -219,13 +239,8 @@ def _decode_steps(
     device = _device(model)
     N, L, vocab = len(rows), max(len(p) for p in rows), model.config.vocab_size or 0
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.stop_ids or [0])[0]
-    ids = torch.full((N, L), pad, dtype=torch.long, device=device)
-    real = torch.zeros((N, L), dtype=torch.bool, device=device)
-    for i, p in enumerate(rows):
-        ids[i, L - len(p) :] = torch.tensor(p, device=device)
-        real[i, L - len(p) :] = True
+    ids, real, positions = left_padded(rows, pad, device)
     padded = not bool(real.all())
-    positions = (real.cumsum(-1) - 1).clamp(min=0)  # (N, L)
     seen = None
     if cfg.repetition_penalty != 1.0:
         seen = torch.zeros((N, vocab), dtype=torch.bool, device=device)
@@ -237,11 +252,7 @@ def _decode_steps(
     model.eval()
     try:
         cache = model.new_cache(N, L + new)
-        mask = None
-        if padded:  # (N, 1, L, L): causal, padding hidden, and every query may see itself (no empty rows)
-            causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-            mask = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
-            mask = mask[:, None]
+        mask = prompt_mask(real) if padded else None
         prompt_positions = positions if padded else None
         linears = hardware.bf16_linears_in_float(model)  # bf16 models where bf16 is emulated (most CPUs)
         with linears:

@@ -33,15 +33,10 @@ def _model(dtype: str, device: str = "cpu") -> GPT:
 
 def _prefilled(model: GPT, prompts: list[list[int]], max_len: int) -> tuple:
     """Two caches filled by the same left-padded prefill, with each row's positions and visible keys."""
-    N, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(N, L, dtype=torch.long)
-    real = torch.zeros(N, L, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p) :], real[i, L - len(p) :] = torch.tensor(p), True
-    positions = (real.cumsum(-1) - 1).clamp(min=0)
-    mask = ((torch.ones(L, L, dtype=torch.bool).tril() & real[:, None, :]) | torch.eye(L, dtype=torch.bool))[:, None]
     device = model.transformer.wte.weight.device
-    ids, real, positions, mask = ids.to(device), real.to(device), positions.to(device), mask.to(device)
+    ids, real, positions = generation.left_padded(prompts, 0, device)
+    mask = generation.prompt_mask(real)
+    N = len(prompts)
     caches = []
     for _ in range(2):
         cache = model.new_cache(N, max_len)

@@ -14,8 +14,8 @@ change between steps: StaticCache holds the cache's tensors and a position fixed
 live KVCache. `GraphStep(model, cache, visible, capture=False)` runs the same fixed-shape step without a
 graph, seeing exactly what the graph saw: on the CPU that is how the tests check it. The engine
 (generation.py) takes the graph on CUDA devices for GPT's own classes (`plain_gpt` there) unless
-BIGMODEL_COMPILED_STEP=0, and falls back to
-op-by-op steps with a warning if capturing or replaying raises.
+BIGMODEL_COMPILED_STEP=0, and falls back to op-by-op steps with a warning if capturing or replaying
+raises.
 """
 
 from __future__ import annotations

@@ -43,10 +43,11 @@ MAX_ROWS = 16  # decoding steps of more rows run op by op
 # that values are finite: NaN inputs come out as NaN (tested), and attention masks with -inf. error_model
 # "numpy": a division by zero gives inf/NaN like numpy instead of a check in every loop.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
-_jit = numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True, error_model="numpy")
-_pjit = numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True, error_model="numpy", parallel=True)
+_OPTIONS: dict[str, Any] = {"fastmath": _FASTMATH, "cache": True, "boundscheck": False, "nogil": True}
+_jit = numba.njit(**_OPTIONS, error_model="numpy")
+_pjit = numba.njit(**_OPTIONS, error_model="numpy", parallel=True)
 # inlined into its callers at numba's level (their parallel loops), where a call per row costs
-_ijit = numba.njit(fastmath=_FASTMATH, cache=True, boundscheck=False, nogil=True, error_model="numpy", inline="always")
+_ijit = numba.njit(**_OPTIONS, error_model="numpy", inline="always")
 
 
 # --- bf16: numpy has no bfloat16, so bf16 tensors are read as their bits (uint16) ------------------------
@@ -199,6 +200,11 @@ def _dot_codegen(rows: int) -> Any:
         def constant(value: int) -> Any:
             return ir.Constant(count.type, value)
 
+        def load(ptr: Any, kind: Any, at: Any, width: int) -> Any:
+            """`width` elements of type `kind` from ptr[at], as one vector."""
+            vector = ir.VectorType(kind, width)
+            return builder.load(builder.bitcast(builder.gep(ptr, [at]), vector.as_pointer()), align=1)
+
         def accumulate(blocks: Any, first: Any, width: int) -> list[Any]:
             """Sums (width / 2 int32 lanes per row) over `blocks` blocks of `width` elements from `first`."""
             lanes = ir.VectorType(i32, width // 2)
@@ -207,14 +213,9 @@ def _dot_codegen(rows: int) -> Any:
             sums = [cgutils.alloca_once_value(builder, ir.Constant(lanes, None)) for _ in range(rows)]
             with cgutils.for_range(builder, blocks) as loop:
                 at = builder.add(first, builder.mul(loop.index, constant(width)))
-
-                def load(ptr: Any, kind: Any) -> Any:
-                    vector = ir.VectorType(kind, width)
-                    return builder.load(builder.bitcast(builder.gep(ptr, [at]), vector.as_pointer()), align=1)
-
-                w = builder.sext(load(data[rows], i8), ir.VectorType(i32, width))
+                w = builder.sext(load(data[rows], i8, at, width), ir.VectorType(i32, width))
                 for r in range(rows):
-                    p = builder.mul(builder.sext(load(data[r], i16), w.type), w, flags=["nsw"])
+                    p = builder.mul(builder.sext(load(data[r], i16, at, width), w.type), w, flags=["nsw"])
                     pairs = builder.add(builder.shuffle_vector(p, p, even), builder.shuffle_vector(p, p, odd))
                     builder.store(builder.add(builder.load(sums[r]), pairs), sums[r])
             return [builder.load(v) for v in sums]
@@ -748,7 +749,7 @@ class CompiledDecoder:
         _embed(self.wte, self.wpe, tokens.numpy(), positions.numpy(), x)  # (M, C)
         self.visible[:, pos] = True
         for i, layer in enumerate(self.layers):
-            layer_step(x, *layer, self.k[i], self.v[i], pos, self.visible, self.scratch)  # type: ignore[call-arg]
+            layer_step(x, *layer, self.k[i], self.v[i], pos, self.visible, self.scratch)
         ln_f, lm_head = self.head
         logits = np.empty((x.shape[0], lm_head[0].shape[0]), dtype=np.float32)
         head_step(x, ln_f, lm_head, self.scratch[0], logits)
