@@ -77,6 +77,29 @@ def test_fixed_shape_steps_equal_the_forward(dtype: str, device: str, captured: 
             GraphStep(model, model.new_cache(N, 49), real, capture=False)  # block_size 48
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_the_fixed_shape_step_reads_no_tensor_value_in_python(dtype: str) -> None:
+    """What capturing a CUDA graph asks of the step, checked without a GPU. Tensors on the meta device have
+    shapes but no values, so every read of a value into Python (.item(), bool(), .tolist(), a shape that
+    depends on values) raises there, as a host sync fails a capture or bakes a stale value into the graph.
+    The step runs on them, int8 through the kernel GPUs use (torch._weight_int8pack_mm); a hook that reads
+    a value shows that such a read is caught."""
+    model = _model(dtype).to("meta")
+    N, L = 2, 3
+    cache = model.new_cache(N, 8)
+    cache.advance(L)  # as if a prefill had filled L positions
+    step = GraphStep(model, cache, torch.ones(N, L, dtype=torch.bool, device="meta"), capture=False)
+    tok, pos = torch.zeros(N, dtype=torch.long, device="meta"), torch.full((N,), L, device="meta")
+    with torch.inference_mode():
+        for _ in range(2):
+            logits = step(tok, pos)
+        assert logits.shape == (N, 1, V) and logits.device.type == "meta"
+        assert cache.pos == L + 2
+        model.transformer.h[0].mlp.register_forward_hook(lambda mod, args, out: bool(out.abs().max() > 0))
+        with pytest.raises(RuntimeError, match="meta"):
+            step(tok, pos)
+
+
 def _steps(model: GPT, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch, fixed: bool, **kw) -> tuple:
     """decode() through the fixed-shape step (captured on CUDA devices), or op by op."""
     made = []
