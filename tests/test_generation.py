@@ -648,6 +648,23 @@ def test_the_transformers_docs_example_works_with_bigmodel_names(tmp_path) -> No
     assert decoded == tok.decode(out[0].tolist(), skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_generate_takes_a_padded_batch_from_the_tokenizer(side: str) -> None:
+    """The other call users copy: enc = tok(texts, return_tensors="pt", padding=True);
+    model.generate(**enc): each row continues as if alone, whichever side the padding is on."""
+    tok = Tokenizer.char()
+    model = tiny_gpt(tok.vocab_size, block_size=64)
+    texts = ["Hello, wörld", "ab", "The king"]
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side=side)
+    out = model.generate(**enc, max_new_tokens=6, pad_token_id=tok.pad_token_id)
+    width = enc.input_ids.shape[1]
+    for i, text in enumerate(texts):
+        alone = model.generate(tok(text, return_tensors="pt").input_ids, max_new_tokens=6)
+        assert torch.equal(out[i, width:], alone[0, -6:])
+    decoded = tok.batch_decode(out, skip_special_tokens=True)
+    assert [d[: len(t)] for d, t in zip(decoded, texts, strict=True)] == texts
+
+
 def test_greedy_argmax_matches_torch_with_ties_and_nan() -> None:
     from bigmodel.generation import _argmax
 

@@ -117,6 +117,49 @@ def test_save_pretrained_loads_in_transformers(bpe: Tokenizer, kind: str, tmp_pa
     assert back.encode(UNICODE_SAMPLES[3]) == ours.encode(UNICODE_SAMPLES[3])
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_calls_written_for_transformers_tokenizers_give_what_they_give(
+    bpe: Tokenizer, side: str, tmp_path: Path
+) -> None:
+    """tok(texts, return_tensors="pt", padding=True), batch_decode and the special ids, against transformers
+    on the same tokenizer (its pad token set to end-of-text, as GPT-2 users do)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    bpe.save_pretrained(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    theirs.pad_token, theirs.padding_side = theirs.eos_token, side
+    texts = ["The king loves the crown tonight.", "a", UNICODE_SAMPLES[3], UNICODE_SAMPLES[5]]
+    for text in texts:  # one text: lists of ids, and one row of tensors
+        assert dict(bpe(text)) == dict(theirs(text))
+        assert torch.equal(bpe(text, return_tensors="pt").input_ids, theirs(text, return_tensors="pt").input_ids)
+    ours = bpe(texts, return_tensors="pt", padding=True, padding_side=side)
+    expected = theirs(texts, return_tensors="pt", padding=True)
+    assert set(ours) == {"input_ids", "attention_mask"}
+    assert torch.equal(ours.input_ids, expected["input_ids"])
+    assert torch.equal(ours["attention_mask"], expected.attention_mask)
+    assert (ours.input_ids[:, 0 if side == "left" else -1] == bpe.eot_id).any()  # padded where asked
+    assert dict(bpe(texts)) == dict(theirs(texts))  # unpadded lists of lists
+    assert dict(bpe(texts, padding=True, padding_side=side)) == dict(theirs(texts, padding=True))
+    assert bpe.batch_decode(ours.input_ids, skip_special_tokens=True) == texts
+    assert bpe.batch_decode(ours.input_ids) == theirs.batch_decode(expected["input_ids"])
+    assert bpe.eos_token_id == bpe.pad_token_id == theirs.eos_token_id == bpe.eot_id
+    assert ours.to("cpu").input_ids.device.type == "cpu" and isinstance(ours.to("cpu"), type(ours))
+
+    for bad, message in [
+        ({"return_tensors": "pt"}, "need padding=True"),
+        ({"return_tensors": "tf"}, "lists or torch tensors"),
+        ({"padding": "max_length"}, "pad to the longest"),
+        ({"padding": True, "padding_side": "middle"}, "'left' or 'right'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            bpe(texts, **bad)
+    with pytest.raises(ValueError, match="no texts"):
+        bpe([], return_tensors="pt")
+    with pytest.raises(AttributeError):
+        ours.token_type_ids  # noqa: B018
+
+
 def test_from_file_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         Tokenizer.from_file(tmp_path / "nope.json")

@@ -3,6 +3,10 @@
 Two kinds: `bpe` (byte-level BPE trained on the corpus, like GPT-2's) and `char` (one token per byte:
 256 byte tokens, no merges, so any text round-trips). Both end their vocabulary with `<|endoftext|>`,
 which separates documents in the shards. Saved directories load with `AutoTokenizer.from_pretrained`.
+
+Calls written for transformers' tokenizers work too: `tok(texts, return_tensors="pt", padding=True)`
+gives the `input_ids` and `attention_mask` that `model.generate(**enc)` takes, `tok.batch_decode(out)`
+the texts back, and `eos_token_id` / `pad_token_id` the end-of-text id.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -18,6 +23,21 @@ from bigmodel import atomic
 from bigmodel.errors import UserError
 
 EOT = "<|endoftext|>"
+
+
+class Encoding(dict[str, Any]):
+    """What calling a Tokenizer returns, as transformers' BatchEncoding: a dict of "input_ids" and
+    "attention_mask" (so `model.generate(**enc)` takes it), whose keys read as attributes too
+    (`enc.input_ids`), and `.to(device)` for tensors."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: Any) -> Encoding:
+        return Encoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
 
 
 def _byte_level(model: models.Model) -> HFTokenizer:
@@ -107,6 +127,64 @@ class Tokenizer:
         """Token ids (a list, or a 1-D tensor such as `model.generate(...)[0]`) -> text."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         return str(self.tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    # ----- transformers' names ------------------------------------------------------------------------
+    @property
+    def eos_token_id(self) -> int:
+        return self.eot_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """The end-of-text id, which also pads (GPT-2 has no other special token)."""
+        return self.eot_id
+
+    def __call__(
+        self,
+        text: str | list[str],
+        *,
+        return_tensors: str | None = None,
+        padding: bool | str = False,
+        padding_side: str = "left",
+        add_special_tokens: bool = True,
+    ) -> Encoding:
+        """Encode as transformers' tokenizers do: {"input_ids", "attention_mask"} as lists of ids (a list of
+        lists for a list of texts), or with return_tensors="pt" as (B, T) tensors (a text gives one row).
+
+        padding=True (or "longest") pads the rows to the longest with the end-of-text id, on the left unless
+        padding_side="right", and the mask marks the real tokens: `model.generate(**enc)` then continues
+        each row as if it were alone, whichever the side (left is what generation wants; transformers pads
+        GPT-2 on the right by default). Rows of different lengths need padding for tensors. There are no
+        special tokens to add (`add_special_tokens` is handed to the underlying tokenizer)."""
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r}: bigmodel returns lists or torch tensors ('pt')")
+        if padding not in (False, True, "longest", "do_not_pad"):
+            raise ValueError(f"padding={padding!r}: use True/'longest' (pad to the longest row) or False")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("no texts to encode")
+        rows = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        masks = [[1] * len(r) for r in rows]
+        if padding in (True, "longest"):
+            width = max(len(r) for r in rows)
+            for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
+                ids, zeros = [self.eot_id] * (width - len(r)), [0] * (width - len(r))
+                rows[i], masks[i] = (ids + r, zeros + m) if padding_side == "left" else (r + ids, m + zeros)
+        if return_tensors is None:
+            if isinstance(text, str):
+                return Encoding(input_ids=rows[0], attention_mask=masks[0])
+            return Encoding(input_ids=rows, attention_mask=masks)
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError("texts of different lengths as tensors need padding=True")
+        return Encoding(
+            input_ids=torch.tensor(rows, dtype=torch.long).reshape(len(rows), -1),
+            attention_mask=torch.tensor(masks, dtype=torch.long).reshape(len(rows), -1),
+        )
+
+    def batch_decode(self, sequences: Iterable[Any], skip_special_tokens: bool = False) -> list[str]:
+        """`decode` of each row (a 2-D tensor such as `model.generate(...)`, or a list of id lists)."""
+        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
 
     def to_str(self) -> str:
         return str(self.tok.to_str())
