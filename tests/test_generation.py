@@ -292,11 +292,21 @@ def test_min_p_1_samples_the_greedy_sequence(model: GPT) -> None:
         (dict(repetition_penalty=0.0), "repetition_penalty=0.0 must be > 0"),
         (dict(repetition_penalty=-1.0), "repetition_penalty=-1.0 must be > 0"),
         (dict(temprature=0.5), "unknown generation argument.*temprature"),
+        (dict(num_beams=4), "num_beams.*beam search is not built"),
+        (dict(output_scores=True), "output_scores.*output_logprobs=True"),
     ],
 )
 def test_invalid_new_parameters(model: GPT, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         generate(model, _prompt(b=1), max_new_tokens=2, **kwargs)
+
+
+def test_transformers_arguments_that_change_nothing_are_taken(model: GPT) -> None:
+    """use_cache (bigmodel always decodes with its KV cache: the same tokens) and num_beams=1."""
+    idx = _prompt(b=2)
+    expected = generate(model, idx, max_new_tokens=5)
+    for extra in (dict(use_cache=True), dict(use_cache=False), dict(num_beams=1)):
+        assert torch.equal(generate(model, idx, max_new_tokens=5, **extra), expected)
 
 
 def test_greedy_repetition_penalty_matches_transformers(model: GPT, tmp_path: Path) -> None:

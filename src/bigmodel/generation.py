@@ -75,11 +75,26 @@ class GenerationConfig:
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
 
+# transformers' generate arguments that bigmodel does not take, with what to use instead
+_INSTEAD = {
+    "num_beams": "beam search is not built (num_beams=1 is accepted): decode greedily or sample",
+    "output_scores": "output_logprobs=True returns the chosen tokens' log-probabilities",
+    "return_dict_in_generate": "generate returns the ids, and (ids, logprobs) with output_logprobs=True",
+}
+
+
 def _split_kwargs(kwargs: dict[str, Any]) -> GenerationConfig:
+    kwargs = dict(kwargs)
+    kwargs.pop("use_cache", None)  # transformers' switch for the KV cache, which bigmodel always uses (same tokens)
+    if kwargs.get("num_beams") == 1:
+        del kwargs["num_beams"]
     known = {f.name for f in fields(GenerationConfig)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ValueError(f"unknown generation argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        hints = "".join(f"; {name}: {_INSTEAD[name]}" for name in unknown if name in _INSTEAD)
+        raise ValueError(
+            f"unknown generation argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}{hints}"
+        )
     config = GenerationConfig(**kwargs)
     config.validate()
     return config
