@@ -141,6 +141,14 @@ def test_calls_written_for_transformers_tokenizers_give_what_they_give(
     assert (ours.input_ids[:, 0 if side == "left" else -1] == bpe.eot_id).any()  # padded where asked
     assert dict(bpe(texts)) == dict(theirs(texts))  # unpadded lists of lists
     assert dict(bpe(texts, padding=True, padding_side=side)) == dict(theirs(texts, padding=True))
+    for kw in [
+        {"truncation": True, "max_length": 4},
+        {"padding": True, "truncation": True, "max_length": 5},
+        {"padding": "max_length", "max_length": 12},  # rows longer than 12 stay as they are
+        {"padding": "max_length", "truncation": True, "max_length": 5},
+        {"padding": "max_length", "max_length": 80},
+    ]:
+        assert dict(bpe(texts, padding_side=side, **kw)) == dict(theirs(texts, **kw)), kw
     assert bpe.batch_decode(ours.input_ids, skip_special_tokens=True) == texts
     assert bpe.batch_decode(ours.input_ids) == theirs.batch_decode(expected["input_ids"])
     assert bpe.eos_token_id == bpe.pad_token_id == theirs.eos_token_id == bpe.eot_id
@@ -149,7 +157,9 @@ def test_calls_written_for_transformers_tokenizers_give_what_they_give(
     for bad, message in [
         ({"return_tensors": "pt"}, "need padding=True"),
         ({"return_tensors": "tf"}, "lists or torch tensors"),
-        ({"padding": "max_length"}, "pad to the longest"),
+        ({"padding": "max_to_the_moon"}, "pad to the longest"),
+        ({"padding": "max_length"}, "need max_length >= 1"),
+        ({"truncation": True, "max_length": 0}, "need max_length >= 1"),
         ({"padding": True, "padding_side": "middle"}, "'left' or 'right'"),
     ]:
         with pytest.raises(ValueError, match=message):

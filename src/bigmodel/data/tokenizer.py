@@ -145,6 +145,8 @@ class Tokenizer:
         return_tensors: str | None = None,
         padding: bool | str = False,
         padding_side: str = "left",
+        truncation: bool = False,
+        max_length: int | None = None,
         add_special_tokens: bool = True,
     ) -> Encoding:
         """Encode as transformers' tokenizers do: {"input_ids", "attention_mask"} as lists of ids (a list of
@@ -153,22 +155,28 @@ class Tokenizer:
         padding=True (or "longest") pads the rows to the longest with the end-of-text id, on the left unless
         padding_side="right", and the mask marks the real tokens: `model.generate(**enc)` then continues
         each row as if it were alone, whichever the side (left is what generation wants; transformers pads
-        GPT-2 on the right by default). Rows of different lengths need padding for tensors. There are no
-        special tokens to add (`add_special_tokens` is handed to the underlying tokenizer)."""
+        GPT-2 on the right by default); padding="max_length" pads to `max_length`. truncation=True keeps the
+        first `max_length` tokens of each row. Rows of different lengths need padding for tensors. There
+        are no special tokens to add (`add_special_tokens` is handed to the underlying tokenizer)."""
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors={return_tensors!r}: bigmodel returns lists or torch tensors ('pt')")
-        if padding not in (False, True, "longest", "do_not_pad"):
-            raise ValueError(f"padding={padding!r}: use True/'longest' (pad to the longest row) or False")
+        if padding not in (False, True, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding={padding!r}: use True/'longest' (pad to the longest row), 'max_length' or False")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'")
+        if (truncation or padding == "max_length") and (max_length is None or max_length < 1):
+            raise ValueError(f"truncation and padding='max_length' need max_length >= 1, got {max_length}")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("no texts to encode")
         rows = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        if truncation:
+            rows = [r[:max_length] for r in rows]
         masks = [[1] * len(r) for r in rows]
-        if padding in (True, "longest"):
-            width = max(len(r) for r in rows)
-            for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
+        if padding in (True, "longest", "max_length"):
+            longest = max(len(r) for r in rows)
+            width = max_length if padding == "max_length" and max_length else longest
+            for i, (r, m) in enumerate(zip(rows, masks, strict=True)):  # (longer rows stay as they are)
                 ids, zeros = [self.eot_id] * (width - len(r)), [0] * (width - len(r))
                 rows[i], masks[i] = (ids + r, zeros + m) if padding_side == "left" else (r + ids, m + zeros)
         if return_tensors is None:
