@@ -9,14 +9,19 @@
 #      Hugging Face interop tests beside them, under the torch and transformers installed there;
 #   3. benchmarks/generate_speed.py --device cuda (extra arguments are passed on to it).
 #
-# Logs go to $OUT (default runs/gpu_check). Exit status: 0 when everything passed, 1 when a test or the
-# benchmark failed, 2 when torch sees no CUDA device.
+# Logs go to $OUT (default runs/gpu_check in the checkout). Exit status: 0 when everything passed, 1 when
+# a test or the benchmark failed or the benchmark's steps fell back to op by op (the graph's capture or a
+# replay raised: the engine warns and goes on), 2 when torch or transformers does not import or torch sees
+# no CUDA device.
 #
 #     bash benchmarks/gpu_check.sh [--repeats 3]      # PYTHON=/path/to/python picks the interpreter
 set -uo pipefail
-cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-out=${OUT:-runs/gpu_check}
+out=${OUT:-}
+[[ -n $out && $out != /* ]] && out="$PWD/$out"  # (relative to where it was called from)
+[[ $python == */* && $python != /* ]] && python="$PWD/$python"
+cd "$(dirname "$0")/.."
+out=${out:-$PWD/runs/gpu_check}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
@@ -40,4 +45,8 @@ echo "== tests: ${tests[*]}"
 "$python" -m pytest -o addopts= -q -rs -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$out/tests.log" || status=1
 echo "== benchmarks/generate_speed.py --device cuda $*"
 "$python" benchmarks/generate_speed.py --device cuda "$@" 2>&1 | tee "$out/generate_speed.log" || status=1
+if grep -E "compiled decoding step (is unavailable|failed)" "$out/generate_speed.log"; then
+    echo "== the steps above fell back to op by op: the graph rows did not measure the graph"
+    status=1
+fi
 exit $status

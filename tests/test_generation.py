@@ -294,6 +294,8 @@ def test_min_p_1_samples_the_greedy_sequence(model: GPT) -> None:
         (dict(temprature=0.5), "unknown generation argument.*temprature"),
         (dict(num_beams=4), "num_beams.*beam search is not built"),
         (dict(output_scores=True), "output_scores.*output_logprobs=True"),
+        (dict(return_dict_in_generate=True), "return_dict_in_generate.*\\(ids, logprobs\\)"),
+        (dict(num_beams=None, output_scores=True), "output_scores"),
     ],
 )
 def test_invalid_new_parameters(model: GPT, kwargs: dict[str, Any], match: str) -> None:
@@ -302,10 +304,16 @@ def test_invalid_new_parameters(model: GPT, kwargs: dict[str, Any], match: str) 
 
 
 def test_transformers_arguments_that_change_nothing_are_taken(model: GPT) -> None:
-    """use_cache (bigmodel always decodes with its KV cache: the same tokens) and num_beams=1."""
+    """use_cache (bigmodel always decodes with its KV cache: the same tokens), and transformers' defaults
+    passed explicitly (num_beams=1, output_scores=False, return_dict_in_generate=False)."""
     idx = _prompt(b=2)
     expected = generate(model, idx, max_new_tokens=5)
-    for extra in (dict(use_cache=True), dict(use_cache=False), dict(num_beams=1)):
+    for extra in (
+        dict(use_cache=True),
+        dict(use_cache=False),
+        dict(num_beams=1, output_scores=False, return_dict_in_generate=False),
+        dict(num_beams=None),
+    ):
         assert torch.equal(generate(model, idx, max_new_tokens=5, **extra), expected)
 
 
@@ -659,18 +667,21 @@ def test_the_transformers_docs_example_works_with_bigmodel_names(tmp_path) -> No
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_generate_takes_a_padded_batch_from_the_tokenizer(side: str) -> None:
+@pytest.mark.parametrize("tensors", [True, False])
+def test_generate_takes_a_padded_batch_from_the_tokenizer(side: str, tensors: bool) -> None:
     """The other call users copy: enc = tok(texts, return_tensors="pt", padding=True);
-    model.generate(**enc): each row continues as if alone, whichever side the padding is on."""
+    model.generate(**enc): each row continues as if alone, whichever side the padding is on (and from
+    the tokenizer's lists too), and the shorter prompts come back padded with the tokenizer's pad id."""
     tok = Tokenizer.char()
-    model = tiny_gpt(tok.vocab_size, block_size=64)
+    model = tiny_gpt(tok.vocab_size, block_size=64, scale=3.0, pos_scale=10.0)
     texts = ["Hello, wörld", "ab", "The king"]
-    enc = tok(texts, return_tensors="pt", padding=True, padding_side=side)
-    out = model.generate(**enc, max_new_tokens=6, pad_token_id=tok.pad_token_id)
-    width = enc.input_ids.shape[1]
+    enc = tok(texts, return_tensors="pt" if tensors else None, padding=True, padding_side=side)
+    out = model.generate(**enc, max_new_tokens=6)
+    width = len(enc.input_ids[0])
     for i, text in enumerate(texts):
         alone = model.generate(tok(text, return_tensors="pt").input_ids, max_new_tokens=6)
         assert torch.equal(out[i, width:], alone[0, -6:])
+        assert out[i, : width - len(tok.encode(text))].eq(tok.pad_token_id).all()
     decoded = tok.batch_decode(out, skip_special_tokens=True)
     assert [d[: len(t)] for d, t in zip(decoded, texts, strict=True)] == texts
 

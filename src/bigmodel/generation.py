@@ -86,8 +86,9 @@ _INSTEAD = {
 def _split_kwargs(kwargs: dict[str, Any]) -> GenerationConfig:
     kwargs = dict(kwargs)
     kwargs.pop("use_cache", None)  # transformers' switch for the KV cache, which bigmodel always uses (same tokens)
-    if kwargs.get("num_beams") == 1:
-        del kwargs["num_beams"]
+    for name, off in (("num_beams", 1), ("output_scores", False), ("return_dict_in_generate", False)):
+        if name in kwargs and kwargs[name] in (None, off):  # transformers' defaults, passed explicitly
+            del kwargs[name]
     known = {f.name for f in fields(GenerationConfig)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -314,7 +315,7 @@ def generate(
     model: GPT,
     input_ids: torch.Tensor | list[int] | list[list[int]],
     *,
-    attention_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | list[int] | list[list[int]] | None = None,
     stop_strings: list[str] | None = None,
     tokenizer: Tokenizer | None = None,
     output_logprobs: bool = False,
@@ -324,12 +325,15 @@ def generate(
 
     Keywords as in transformers' `generate`: max_new_tokens, max_length, do_sample, temperature, top_k,
     top_p, min_p, repetition_penalty, num_return_sequences, eos_token_id, pad_token_id, plus `seed`.
-    `attention_mask` (B, T) marks real tokens of left-padded rows. Rows that stop (an eos token, or a stop
-    string, which needs `tokenizer`) are padded until all have. With output_logprobs=True returns
+    `attention_mask` (B, T) marks the real tokens of padded rows (either side); the prompts come back
+    left-padded with the id it left out, unless pad_token_id is given. Rows that stop (an eos token, or a
+    stop string, which needs `tokenizer`) are padded until all have. With output_logprobs=True returns
     (ids, logprobs (N, new)).
     """
     cfg = _split_kwargs(kwargs)
-    prompts = _prompts_from(input_ids, attention_mask)
+    prompts, pad_id = _prompts_from(input_ids, attention_mask)
+    if cfg.pad_token_id is None and pad_id is not None:  # pad as the input was padded (the tokenizer's pad id)
+        cfg.pad_token_id = pad_id
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=... to see text")
     rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
@@ -349,17 +353,27 @@ def generate(
     return out, lps
 
 
-def _prompts_from(input_ids: Any, attention_mask: torch.Tensor | None) -> list[list[int]]:
-    if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list):
-        return [list(map(int, p)) for p in input_ids]  # ragged lists: already one list per prompt
-    ids = torch.as_tensor(input_ids, dtype=torch.long)
-    ids = ids[None] if ids.dim() == 1 else ids
-    if ids.dim() != 2 or ids.size(1) == 0:
-        raise ValueError(f"input_ids must be (batch, length>=1), got shape {tuple(ids.shape)}")
+def _prompts_from(input_ids: Any, attention_mask: Any) -> tuple[list[list[int]], int | None]:
+    """One list of real token ids per row of `input_ids` (a tensor or lists, ragged lists too), keeping the
+    tokens `attention_mask` marks; and the id of the padding the mask left out (None without any)."""
+    ragged = isinstance(input_ids, list) and bool(input_ids) and isinstance(input_ids[0], list)
+    if ragged:
+        rows = [list(map(int, p)) for p in input_ids]
+    else:
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        ids = ids[None] if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.size(1) == 0:
+            raise ValueError(f"input_ids must be (batch, length>=1), got shape {tuple(ids.shape)}")
+        rows = ids.tolist()
     if attention_mask is None:
-        return ids.tolist()
-    mask = torch.as_tensor(attention_mask, dtype=torch.bool).reshape(ids.shape)
-    return [row[m].tolist() for row, m in zip(ids, mask, strict=True)]
+        return rows, None
+    masks = attention_mask.tolist() if hasattr(attention_mask, "tolist") else list(attention_mask)
+    masks = [masks] if not ragged and len(rows) == 1 and masks and not isinstance(masks[0], list) else masks
+    if len(masks) != len(rows) or any(len(m) != len(r) for m, r in zip(masks, rows, strict=False)):
+        raise ValueError("attention_mask must have the shape of input_ids")
+    kept = [[t for t, m in zip(r, ms, strict=True) if m] for r, ms in zip(rows, masks, strict=True)]
+    left_out = [t for r, ms in zip(rows, masks, strict=True) for t, m in zip(r, ms, strict=True) if not m]
+    return kept, (left_out[0] if left_out else None)
 
 
 # ----- text: incremental decoding and stop strings ----------------------------------------------------------

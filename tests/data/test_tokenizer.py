@@ -117,6 +117,7 @@ def test_save_pretrained_loads_in_transformers(bpe: Tokenizer, kind: str, tmp_pa
     assert back.encode(UNICODE_SAMPLES[3]) == ours.encode(UNICODE_SAMPLES[3])
 
 
+@pytest.mark.filterwarnings("ignore:`max_length` is ignored when `padding`")  # (transformers' own, for a case below)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_calls_written_for_transformers_tokenizers_give_what_they_give(
     bpe: Tokenizer, side: str, tmp_path: Path
@@ -147,6 +148,9 @@ def test_calls_written_for_transformers_tokenizers_give_what_they_give(
         {"padding": "max_length", "max_length": 12},  # rows longer than 12 stay as they are
         {"padding": "max_length", "truncation": True, "max_length": 5},
         {"padding": "max_length", "max_length": 80},
+        {"max_length": 3},  # neither padding nor truncation: transformers truncates
+        {"max_length": 3, "truncation": False},
+        {"padding": True, "max_length": 3},
     ]:
         assert dict(bpe(texts, padding_side=side, **kw)) == dict(theirs(texts, **kw)), kw
     assert bpe.batch_decode(ours.input_ids, skip_special_tokens=True) == texts
@@ -155,11 +159,11 @@ def test_calls_written_for_transformers_tokenizers_give_what_they_give(
     assert ours.to("cpu").input_ids.device.type == "cpu" and isinstance(ours.to("cpu"), type(ours))
 
     for bad, message in [
-        ({"return_tensors": "pt"}, "need padding=True"),
+        ({"return_tensors": "pt"}, "cannot be tensors: pass padding=True"),
         ({"return_tensors": "tf"}, "lists or torch tensors"),
         ({"padding": "max_to_the_moon"}, "pad to the longest"),
-        ({"padding": "max_length"}, "need max_length >= 1"),
-        ({"truncation": True, "max_length": 0}, "need max_length >= 1"),
+        ({"padding": "max_length"}, "needs max_length >= 1"),
+        ({"truncation": True, "max_length": 0}, "needs max_length >= 1"),
         ({"padding": True, "padding_side": "middle"}, "'left' or 'right'"),
     ]:
         with pytest.raises(ValueError, match=message):

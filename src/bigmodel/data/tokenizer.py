@@ -11,7 +11,7 @@ the texts back, and `eos_token_id` / `pad_token_id` the end-of-text id.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,42 +140,45 @@ class Tokenizer:
 
     def __call__(
         self,
-        text: str | list[str],
+        text: str | Sequence[str],
         *,
         return_tensors: str | None = None,
         padding: bool | str = False,
         padding_side: str = "left",
-        truncation: bool = False,
+        truncation: bool | str | None = None,
         max_length: int | None = None,
         add_special_tokens: bool = True,
     ) -> Encoding:
         """Encode as transformers' tokenizers do: {"input_ids", "attention_mask"} as lists of ids (a list of
-        lists for a list of texts), or with return_tensors="pt" as (B, T) tensors (a text gives one row).
+        lists for several texts), or with return_tensors="pt" as (B, T) tensors (a text gives one row).
 
         padding=True (or "longest") pads the rows to the longest with the end-of-text id, on the left unless
         padding_side="right", and the mask marks the real tokens: `model.generate(**enc)` then continues
         each row as if it were alone, whichever the side (left is what generation wants; transformers pads
         GPT-2 on the right by default); padding="max_length" pads to `max_length`. truncation=True keeps the
-        first `max_length` tokens of each row. Rows of different lengths need padding for tensors. There
-        are no special tokens to add (`add_special_tokens` is handed to the underlying tokenizer)."""
+        first `max_length` tokens of each row, and so does a `max_length` given without padding or
+        truncation (as transformers does). Rows of different lengths need padding for tensors. There are no
+        special tokens to add (`add_special_tokens` is handed to the underlying tokenizer)."""
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors={return_tensors!r}: bigmodel returns lists or torch tensors ('pt')")
         if padding not in (False, True, "longest", "max_length", "do_not_pad"):
             raise ValueError(f"padding={padding!r}: use True/'longest' (pad to the longest row), 'max_length' or False")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'")
-        if (truncation or padding == "max_length") and (max_length is None or max_length < 1):
-            raise ValueError(f"truncation and padding='max_length' need max_length >= 1, got {max_length}")
+        if truncation is None:  # transformers truncates to a max_length given with neither
+            truncation = max_length is not None and padding in (False, "do_not_pad")
+        truncate = truncation not in (False, "do_not_truncate")
+        if (truncate or padding == "max_length") and (max_length is None or max_length < 1):
+            raise ValueError(f"truncation=True or padding='max_length' needs max_length >= 1, got {max_length}")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("no texts to encode")
         rows = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
-        if truncation:
+        if truncate:
             rows = [r[:max_length] for r in rows]
         masks = [[1] * len(r) for r in rows]
         if padding in (True, "longest", "max_length"):
-            longest = max(len(r) for r in rows)
-            width = max_length if padding == "max_length" and max_length else longest
+            width = max(len(r) for r in rows) if max_length is None or padding != "max_length" else max_length
             for i, (r, m) in enumerate(zip(rows, masks, strict=True)):  # (longer rows stay as they are)
                 ids, zeros = [self.eot_id] * (width - len(r)), [0] * (width - len(r))
                 rows[i], masks[i] = (ids + r, zeros + m) if padding_side == "left" else (r + ids, m + zeros)
@@ -184,7 +187,10 @@ class Tokenizer:
                 return Encoding(input_ids=rows[0], attention_mask=masks[0])
             return Encoding(input_ids=rows, attention_mask=masks)
         if len({len(r) for r in rows}) > 1:
-            raise ValueError("texts of different lengths as tensors need padding=True")
+            raise ValueError(
+                "rows of different lengths cannot be tensors: pass padding=True (or padding='max_length' "
+                "with truncation=True)"
+            )
         return Encoding(
             input_ids=torch.tensor(rows, dtype=torch.long).reshape(len(rows), -1),
             attention_mask=torch.tensor(masks, dtype=torch.long).reshape(len(rows), -1),
