@@ -27,7 +27,7 @@ import torch
 from bigmodel import hardware
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT, MLP, Block
-from bigmodel.nn.attention import CausalSelfAttention
+from bigmodel.nn.attention import CausalSelfAttention, prompt_mask
 
 if TYPE_CHECKING:
     from bigmodel.data.tokenizer import Tokenizer
@@ -230,14 +230,6 @@ def left_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[
         ids[i, L - len(p) :] = torch.tensor(p, device=device)
         real[i, L - len(p) :] = True
     return ids, real, (real.cumsum(-1) - 1).clamp(min=0)
-
-
-def prompt_mask(real: torch.Tensor) -> torch.Tensor:
-    """The prompt's attention mask (N, 1, L, L) for left-padded rows: causal, padding hidden, and every query
-    may see itself (no empty rows)."""
-    L = real.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=real.device).tril()
-    return ((causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=real.device))[:, None]
 
 
 def _argmax(scores: torch.Tensor) -> torch.Tensor:

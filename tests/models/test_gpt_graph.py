@@ -16,7 +16,7 @@ from bigmodel.compress import quantize
 from bigmodel.generation import GenerationConfig, cast_for_inference, decode
 from bigmodel.models.gpt import GPT
 from bigmodel.models.gpt_graph import GraphStep
-from bigmodel.nn.attention import CausalSelfAttention
+from bigmodel.nn.attention import CausalSelfAttention, prompt_mask
 from conftest import tiny_gpt
 
 V = 50
@@ -35,7 +35,7 @@ def _prefilled(model: GPT, prompts: list[list[int]], max_len: int) -> tuple:
     """Two caches filled by the same left-padded prefill, with each row's positions and visible keys."""
     device = model.transformer.wte.weight.device
     ids, real, positions = generation.left_padded(prompts, 0, device)
-    mask = generation.prompt_mask(real)
+    mask = prompt_mask(real)
     N = len(prompts)
     caches = []
     for _ in range(2):

@@ -117,6 +117,47 @@ def _hf_greedy(hf: Any, idx: torch.Tensor, n: int, eos: int | None) -> torch.Ten
     )
 
 
+def test_forward_takes_transformers_keywords_and_gives_its_outputs(tmp_path: Path) -> None:
+    """model(input_ids=..., attention_mask=..., labels=...).logits / .loss as GPT2LMHeadModel gives them:
+    labels shifted inside, -100 ignored; padded rows hidden as keys, their positions 0..T-1 as transformers
+    has them. The result still unpacks as (logits, loss)."""
+    hf = _hf_model(tmp_path)
+    ours = GPT.from_pretrained(tmp_path).eval()
+    ids = _ids(3, 12)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, labels=ids)
+        out = ours(input_ids=ids, labels=ids)
+        torch.testing.assert_close(out.logits, theirs.logits, **ATOL)
+        torch.testing.assert_close(out.loss, theirs.loss, **ATOL)
+        logits, loss = ours(ids[:, :-1], ids[:, 1:])  # our own targets, already shifted: the same loss
+        torch.testing.assert_close(logits, out.logits[:, :-1])
+        torch.testing.assert_close(loss, out.loss)
+
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0  # left padding
+        mask[1, -3:] = 0  # right padding
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[0, 4] = -100  # predicted at a padding position, whose logits mean nothing (and differ)
+        theirs = hf(input_ids=ids, attention_mask=mask, labels=labels)
+        out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+        real = mask.bool()
+        torch.testing.assert_close(out.logits[real], theirs.logits[real], **ATOL)
+        torch.testing.assert_close(out.loss, theirs.loss, **ATOL)
+        assert not torch.allclose(out.logits[real], ours(ids).logits[real], **ATOL)  # the mask hid the padding
+        unpadded = ours(ids[0:1, 4:]).logits  # positions shifted: not the same as the row alone
+        assert not torch.allclose(out.logits[0, 4:], unpadded[0], **ATOL)
+
+    for kw, message in [
+        (dict(idx=ids, input_ids=ids), "token ids once"),
+        (dict(), "token ids once"),
+        (dict(input_ids=ids, labels=ids, last_only=True), "without targets and last_only"),
+        (dict(input_ids=ids, attention_mask=mask, cache=ours.new_cache(3)), "with one, pass attn_mask"),
+        (dict(input_ids=ids, attention_mask=mask, attn_mask=torch.ones(3, 1, 12, 12, dtype=torch.bool)), "not both"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ours(**kw)
+
+
 def test_greedy_generate_matches_transformers(tmp_path: Path) -> None:
     from transformers import GPT2LMHeadModel
 

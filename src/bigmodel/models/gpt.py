@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from bigmodel.config import GPTConfig
-from bigmodel.nn.attention import CausalSelfAttention, KVCache
+from bigmodel.nn.attention import CausalSelfAttention, KVCache, prompt_mask
 from bigmodel.nn.losses import classification_loss
 
 if TYPE_CHECKING:
@@ -74,6 +74,14 @@ class Transformer(nn.Module):
         self.ln_f = LayerNorm(config.n_embd, config.bias)
 
 
+class LMOutput(NamedTuple):
+    """What GPT's forward returns: unpack it (`logits, loss = model(x, y)`), or read it as transformers'
+    outputs are read (`model(**enc).logits`, `model(ids, labels=ids).loss`)."""
+
+    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only
+    loss: torch.Tensor | None
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -119,7 +127,7 @@ class GPT(nn.Module):
 
     def forward(
         self,
-        idx: torch.Tensor,
+        idx: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
@@ -127,15 +135,29 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only) and the mean loss.
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> LMOutput:
+        """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only) and the mean loss of
+        `targets` (B, T), the next token at each position (targets of -1 are padding and ignored).
 
         `label_smoothing` (training only; see nn/losses.py) spreads that probability mass over the vocabulary
-        in the loss; targets of -1 are padding and ignored.
+        in the loss.
 
         For batches of padded prompts the generation engine passes `position_ids` (B, T) and a boolean
         `attn_mask` (B, 1, T, cached + T) saying which keys each query may see; otherwise attention is causal.
+
+        transformers' keywords work too: `input_ids` for idx; `attention_mask` (B, T), 1 on real tokens, for
+        padded rows without a cache (positions stay 0..T-1, as GPT2LMHeadModel has them); `labels` (B, T),
+        the inputs themselves, shifted inside as GPT2LMHeadModel does (labels of -100 ignored).
         """
+        idx = self._transformers_inputs(idx, input_ids, targets, labels, cache, last_only, attention_mask)
+        if attention_mask is not None:
+            if attn_mask is not None:
+                raise ValueError("pass attention_mask (B, T) or attn_mask (B, 1, T, S), not both")
+            real = torch.as_tensor(attention_mask, device=idx.device).bool()
+            attn_mask = None if bool(real.all()) else prompt_mask(real)  # (no padding: plain causal attention)
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -162,7 +184,29 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = classification_loss(logits, targets, label_smoothing, ignore_index=-1)
-        return logits, loss
+        elif labels is not None:  # transformers' convention: position t predicts labels[t + 1]
+            loss = classification_loss(logits[:, :-1], labels[:, 1:], label_smoothing, ignore_index=-100)
+        return LMOutput(logits, loss)
+
+    @staticmethod
+    def _transformers_inputs(
+        idx: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+        targets: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        cache: KVCache | None,
+        last_only: bool,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """idx, or transformers' input_ids; a ValueError for keywords that contradict each other."""
+        if labels is not None and (targets is not None or last_only):
+            raise ValueError("labels (transformers' unshifted targets) go without targets and last_only")
+        if attention_mask is not None and cache is not None:
+            raise ValueError("attention_mask covers a whole sequence without a cache; with one, pass attn_mask")
+        ids = input_ids if idx is None else idx
+        if ids is None or (idx is not None and input_ids is not None):
+            raise ValueError("pass the token ids once: as idx (the first argument) or as input_ids")
+        return ids
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config

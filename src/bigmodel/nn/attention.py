@@ -9,6 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def prompt_mask(real: torch.Tensor) -> torch.Tensor:
+    """The attention mask (N, 1, L, L) of padded rows, real (N, L) bool marking their tokens: causal,
+    padding hidden as keys, and every query may see itself (so no row of the softmax is empty)."""
+    L = real.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=real.device).tril()
+    return ((causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=real.device))[:, None]
+
+
 class KVCache:
     """Keys and values of every layer for up to `max_len` positions, written in place as decoding advances.
 
@@ -80,9 +88,11 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if cache is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-            )
+            dropout = self.dropout if self.training else 0.0
+            if attn_mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            else:  # padded rows: the mask says which keys each query sees
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         else:
             start = cache.pos
             k, v = cache.update(layer, k, v)  # (B, nh, start+T, hd)
