@@ -34,7 +34,7 @@ from torch import nn
 from bigmodel.config import diff_configs
 from bigmodel.errors import UserError
 from bigmodel.features.base import Estimator, NotFittedError
-from bigmodel.models.gpt import GPT
+from bigmodel.models.gpt import GPT, LMOutput
 from bigmodel.nn.attention import KVCache
 from bigmodel.nn.losses import classification_loss
 
@@ -409,7 +409,7 @@ class LMEnsemble(nn.Module):
         last_only: bool = False,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> LMOutput:
         """idx (B, T) -> log of the mixed next-token distribution (B, T, V) (or (B, 1, V)), and the loss."""
         if idx.shape[1] + (cache.pos if cache is not None else 0) > self.config.block_size:
             raise ValueError(
@@ -433,7 +433,7 @@ class LMEnsemble(nn.Module):
         if self.mode == "logprob":
             mixed = mixed - mixed.logsumexp(-1, keepdim=True)
         loss = classification_loss(mixed, targets, ignore_index=-1) if targets is not None else None
-        return mixed, loss
+        return LMOutput(mixed, loss)
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Continue `input_ids` from the mixture; keywords as `GPT.generate` (bigmodel.generation.generate)."""

@@ -151,8 +151,10 @@ def test_forward_takes_transformers_keywords_and_gives_its_outputs(tmp_path: Pat
         (dict(idx=ids, input_ids=ids), "token ids once"),
         (dict(), "token ids once"),
         (dict(input_ids=ids, labels=ids, last_only=True), "without targets and last_only"),
-        (dict(input_ids=ids, attention_mask=mask, cache=ours.new_cache(3)), "with one, pass attn_mask"),
-        (dict(input_ids=ids, attention_mask=mask, attn_mask=torch.ones(3, 1, 12, 12, dtype=torch.bool)), "not both"),
+        (dict(input_ids=ids, attention_mask=mask, cache=ours.new_cache(3)), "else pass attn_mask"),
+        (dict(input_ids=ids, attention_mask=mask, attn_mask=torch.ones(3, 1, 12, 12, dtype=torch.bool)), "else pass"),
+        (dict(input_ids=ids, attention_mask=mask[:1]), "must have the ids' shape"),
+        (dict(input_ids=ids[0]), r"must be \(batch, length\)"),
     ]:
         with pytest.raises(ValueError, match=message):
             ours(**kw)

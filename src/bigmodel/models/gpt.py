@@ -152,12 +152,10 @@ class GPT(nn.Module):
         padded rows without a cache (positions stay 0..T-1, as GPT2LMHeadModel has them); `labels` (B, T),
         the inputs themselves, shifted inside as GPT2LMHeadModel does (labels of -100 ignored).
         """
-        idx = self._transformers_inputs(idx, input_ids, targets, labels, cache, last_only, attention_mask)
-        if attention_mask is not None:
-            if attn_mask is not None:
-                raise ValueError("pass attention_mask (B, T) or attn_mask (B, 1, T, S), not both")
-            real = torch.as_tensor(attention_mask, device=idx.device).bool()
-            attn_mask = None if bool(real.all()) else prompt_mask(real)  # (no padding: plain causal attention)
+        idx, attn_mask = self._resolve_inputs(
+            idx=idx, input_ids=input_ids, attention_mask=attention_mask, attn_mask=attn_mask,
+            targets=targets, labels=labels, cache=cache, last_only=last_only,
+        )
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -189,24 +187,34 @@ class GPT(nn.Module):
         return LMOutput(logits, loss)
 
     @staticmethod
-    def _transformers_inputs(
+    def _resolve_inputs(
+        *,
         idx: torch.Tensor | None,
         input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
         targets: torch.Tensor | None,
         labels: torch.Tensor | None,
         cache: KVCache | None,
         last_only: bool,
-        attention_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """idx, or transformers' input_ids; a ValueError for keywords that contradict each other."""
-        if labels is not None and (targets is not None or last_only):
-            raise ValueError("labels (transformers' unshifted targets) go without targets and last_only")
-        if attention_mask is not None and cache is not None:
-            raise ValueError("attention_mask covers a whole sequence without a cache; with one, pass attn_mask")
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The token ids (idx, or transformers' input_ids) and the attention mask (attn_mask, or the one
+        transformers' attention_mask (B, T) describes); a ValueError for inputs that contradict each other."""
         ids = input_ids if idx is None else idx
         if ids is None or (idx is not None and input_ids is not None):
             raise ValueError("pass the token ids once: as idx (the first argument) or as input_ids")
-        return ids
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must be (batch, length), got shape {tuple(ids.shape)}")
+        if labels is not None and (targets is not None or last_only):
+            raise ValueError("labels (transformers' unshifted targets) go without targets and last_only")
+        if attention_mask is None:
+            return ids, attn_mask
+        if attn_mask is not None or cache is not None:
+            raise ValueError("attention_mask (B, T) covers a whole sequence without a cache; else pass attn_mask")
+        real = torch.as_tensor(attention_mask, device=ids.device).bool()
+        if real.shape != ids.shape:
+            raise ValueError(f"attention_mask {tuple(real.shape)} must have the ids' shape {tuple(ids.shape)}")
+        return ids, prompt_mask(real)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config

@@ -81,7 +81,8 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, attn_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x (B, T, C); attn_mask, when given, is a boolean (B, 1, T, cached + T) mask of visible keys."""
+        """x (B, T, C); attn_mask, when given, is a boolean (B, 1, T, cached + T) mask of visible keys, which
+        replaces causal masking: it must hide later positions itself (as `prompt_mask` does)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)

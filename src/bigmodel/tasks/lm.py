@@ -18,14 +18,15 @@ from bigmodel.tasks.base import Batch, Task
 
 
 class WindowStream:
-    """WindowLoader's (x, y) windows as {"input_ids", "labels"} batches (BatchStream protocol)."""
+    """WindowLoader's (x, y) windows as {"input_ids", "targets"} batches (BatchStream protocol): targets are
+    the inputs shifted by one already (GPT's `targets`, not transformers' `labels`, which it shifts)."""
 
     def __init__(self, loader: WindowLoader) -> None:
         self.loader = loader
 
     def next_batch(self) -> Batch:
         x, y = self.loader.next_batch()
-        return {"input_ids": x, "labels": y}
+        return {"input_ids": x, "targets": y}
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.loader.state_dict())
@@ -72,7 +73,7 @@ class LMTask(Task):
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         smoothing = self.config.train.label_smoothing  # training only: evaluate() scores unsmoothed
-        _, loss = model(batch["input_ids"], batch["labels"], label_smoothing=smoothing)
+        _, loss = model(batch["input_ids"], batch["targets"], label_smoothing=smoothing)
         return loss
 
     def evaluate(self, model: nn.Module, *, limit: int | None = None) -> dict[str, float]:
