@@ -147,6 +147,8 @@ def test_forward_takes_transformers_keywords_and_gives_its_outputs(tmp_path: Pat
         unpadded = ours(ids[0:1, 4:]).logits  # positions shifted: not the same as the row alone
         assert not torch.allclose(out.logits[0, 4:], unpadded[0], **ATOL)
 
+    assert (ours.device, ours.dtype) == (torch.device("cpu"), torch.float32)
+    assert ours.to(torch.bfloat16).dtype == torch.bfloat16 and ours.float().dtype == torch.float32
     for kw, message in [
         (dict(idx=ids, input_ids=ids), "token ids once"),
         (dict(), "token ids once"),

@@ -115,6 +115,17 @@ class GPT(nn.Module):
         """The repeated blocks (FSDP shards, and activation checkpointing recomputes, one at a time)."""
         return list(self.transformer.h)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are, as transformers' `model.device`: `tok(texts, return_tensors="pt").to(model.device)`."""
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The embeddings' dtype, as transformers' `model.dtype` (float32 for int8 models: only their Linear
+        layers are int8)."""
+        return self.transformer.wte.weight.dtype
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights once); by default without position embeddings, as GPT-2 reports."""
         n = sum(p.numel() for p in self.parameters())
