@@ -117,7 +117,8 @@ class GPT(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where the weights are, as transformers' `model.device`: `tok(texts, return_tensors="pt").to(model.device)`."""
+        """Where the weights are, as transformers' `model.device`: `tok(texts, return_tensors="pt").to(model.device)`
+        moves the inputs there."""
         return self.transformer.wte.weight.device
 
     @property
