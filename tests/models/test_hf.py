@@ -106,6 +106,35 @@ def test_we_load_a_directory_saved_by_transformers(tmp_path: Path) -> None:
     torch.testing.assert_close(got, expected, **ATOL)
 
 
+def test_from_pretrained_loads_in_the_dtype_asked_for(tmp_path: Path) -> None:
+    """dtype / torch_dtype as in transformers: a dtype or its name, or "auto" for the stored one; the tie
+    between embedding and output head survives, and the logits agree with float32's to bf16 rounding."""
+    hf = _hf_model(tmp_path / "fp32")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    fp32 = GPT.from_pretrained(tmp_path / "fp32")
+    idx = _ids(2, 20, seed=5)
+    for path, kw, expected in [
+        ("fp32", {}, torch.float32),
+        ("bf16", {}, torch.float32),  # float32 by default, whatever is stored
+        ("fp32", {"dtype": torch.bfloat16}, torch.bfloat16),
+        ("fp32", {"torch_dtype": "bfloat16"}, torch.bfloat16),
+        ("fp32", {"dtype": "torch.float16"}, torch.float16),
+        ("fp32", {"dtype": "auto"}, torch.float32),
+        ("bf16", {"dtype": "auto"}, torch.bfloat16),
+    ]:
+        model = GPT.from_pretrained(tmp_path / path, **kw)
+        assert {p.dtype for p in model.parameters()} == {expected} and model.dtype == expected, (path, kw)
+        assert model.lm_head.weight is model.transformer.wte.weight
+        with torch.no_grad():
+            got = model(idx).logits.float()
+        torch.testing.assert_close(got, fp32(idx).logits, rtol=0.1, atol=0.1)
+    for kw in [{"dtype": "int8"}, {"dtype": torch.int8}, {"dtype": "bf16"}]:
+        with pytest.raises(ValueError, match="use one of float32, bfloat16, float16, 'auto'"):
+            GPT.from_pretrained(tmp_path / "fp32", **kw)
+    with pytest.raises(ValueError, match="not both"):
+        GPT.from_pretrained(tmp_path / "fp32", dtype="float32", torch_dtype="float32")
+
+
 def _hf_greedy(hf: Any, idx: torch.Tensor, n: int, eos: int | None) -> torch.Tensor:
     return hf.generate(
         idx,

@@ -247,14 +247,26 @@ class GPT(nn.Module):
         return generate(self, input_ids, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, allow_pickle: bool = False) -> GPT:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        allow_pickle: bool = False,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+    ) -> GPT:
         """Load a model directory (ours or one saved by transformers' GPT2LMHeadModel, sharded or not).
 
         A pytorch_model.bin is read (with torch.load(weights_only=True)) only when allow_pickle is True.
+        `dtype` (or transformers' older name, `torch_dtype`): the weights' dtype, a torch dtype or its name
+        ("float32", "bfloat16", "float16"), or "auto" for the dtype they are stored in; float32 by default.
+        (A checkpoint stored in bf16 then loads without ever being widened to float32.)
         """
         from bigmodel.models.hf import load_gpt
 
-        return load_gpt(path, allow_pickle)
+        if dtype is not None and torch_dtype is not None:
+            raise ValueError("pass dtype or torch_dtype (its older name), not both")
+        return load_gpt(path, allow_pickle, dtype if dtype is not None else torch_dtype)
 
     def save_pretrained(self, path: str | Path, tokenizer: Tokenizer | None = None) -> None:
         """Write config.json, model.safetensors, generation_config.json (and the tokenizer when given)."""

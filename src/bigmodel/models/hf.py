@@ -171,8 +171,25 @@ class _ShapesOnly(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def load_gpt(path: str | Path, allow_pickle: bool = False) -> GPT:
-    """Build a GPT from a Hugging Face GPT-2 directory (ours, or one transformers saved)."""
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load_dtype(dtype: torch.dtype | str | None, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype to load weights in: float32 by default, "auto" for the stored one (the token embedding's)."""
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        stored = next((t.dtype for k, t in tensors.items() if k.endswith("wte.weight")), torch.float32)
+        return stored if stored in _DTYPES.values() else torch.float32
+    named = _DTYPES.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if named not in _DTYPES.values() or named is None:
+        raise ValueError(f"dtype={dtype!r}: use one of {', '.join(_DTYPES)}, 'auto', or a torch dtype of those")
+    return named
+
+
+def load_gpt(path: str | Path, allow_pickle: bool = False, dtype: torch.dtype | str | None = None) -> GPT:
+    """Build a GPT from a Hugging Face GPT-2 directory (ours, or one transformers saved), its weights in
+    `dtype` (see GPT.from_pretrained)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(
@@ -187,6 +204,7 @@ def load_gpt(path: str | Path, allow_pickle: bool = False) -> GPT:
         raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from e
     config = gpt_config_from_hf(cfg, path / "config.json")
     tensors = read_weights(path, allow_pickle)
+    want = _load_dtype(dtype, tensors)
     with torch.device("meta"), _ShapesOnly():  # no random initialisation of weights about to be replaced
         model = GPT(config)
     own = model.state_dict()
@@ -201,7 +219,7 @@ def load_gpt(path: str | Path, allow_pickle: bool = False) -> GPT:
             if name.endswith(".bias") and not config.bias:
                 continue
             raise UserError(f"{path}: unexpected tensor {key!r}; this is not a GPT-2 layout")
-        sd[name] = tensor.to(own[name].dtype)
+        sd[name] = tensor.to(want)
     sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight", torch.empty(0)))
     missing = sorted(set(own) - set(sd))
     if missing:
