@@ -156,6 +156,7 @@ def test_calls_written_for_transformers_tokenizers_give_what_they_give(
     assert bpe.batch_decode(ours.input_ids, skip_special_tokens=True) == texts
     assert bpe.batch_decode(ours.input_ids) == theirs.batch_decode(expected["input_ids"])
     assert bpe.eos_token_id == bpe.pad_token_id == theirs.eos_token_id == bpe.eot_id
+    assert len(bpe) == len(theirs) == bpe.vocab_size
     assert ours.to("cpu").input_ids.device.type == "cpu" and isinstance(ours.to("cpu"), type(ours))
 
     for bad, message in [

@@ -133,6 +133,10 @@ class Tokenizer:
     def eos_token_id(self) -> int:
         return self.eot_id
 
+    def __len__(self) -> int:
+        """The vocabulary's size, special tokens included, as len() of a transformers tokenizer."""
+        return self.vocab_size
+
     @property
     def pad_token_id(self) -> int:
         """The end-of-text id, which also pads (GPT-2 has no other special token)."""
