@@ -205,6 +205,29 @@ def test_greedy_generate_matches_transformers(tmp_path: Path) -> None:
     assert len(set(got[:, 6:].flatten().tolist())) > 8  # a varied continuation, not one repeated token
 
 
+def test_a_batch_from_the_tokenizer_generates_what_transformers_generates(tmp_path: Path) -> None:
+    """The batch call users copy, both ways on the same directory: tok(texts, return_tensors="pt",
+    padding=True), then generate(**enc); transformers' tokenizer padding on the left with its eos token."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    texts = ["the king loves the crown", "a queen", "my lord, the ghost waits for the night watch"]
+    tok = Tokenizer.train_bpe(texts * 30, vocab_size=300)
+    ours = tiny_gpt(tok.vocab_size, block_size=64, n_head=4, scale=3.0, pos_scale=10.0)
+    ours.save_pretrained(tmp_path, tok)
+    theirs, their_tok = GPT2LMHeadModel.from_pretrained(tmp_path).eval(), AutoTokenizer.from_pretrained(tmp_path)
+    their_tok.pad_token, their_tok.padding_side = their_tok.eos_token, "left"
+    enc = tok(texts, return_tensors="pt", padding=True)
+    got = ours.generate(**enc, max_new_tokens=20)
+    expected = theirs.generate(
+        **their_tok(texts, return_tensors="pt", padding=True),
+        max_new_tokens=20,
+        do_sample=False,
+        pad_token_id=their_tok.eos_token_id,
+    )
+    assert got.tolist() == expected.tolist()
+    assert tok.batch_decode(got, skip_special_tokens=True) == their_tok.batch_decode(expected, skip_special_tokens=True)
+
+
 def test_greedy_generate_matches_transformers_loaded_model_with_eos(tmp_path: Path) -> None:
     hf = _hf_model(tmp_path, seed=1)
     ours = GPT.from_pretrained(tmp_path)
