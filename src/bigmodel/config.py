@@ -57,6 +57,25 @@ class GPTConfig:
         )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a float in [0, 1)")
 
+    # transformers' GPT2Config names, read-only: code written for it reads model.config.n_positions and such
+    @property
+    def n_positions(self) -> int:
+        return self.block_size
+
+    max_position_embeddings = n_positions
+
+    @property
+    def hidden_size(self) -> int:
+        return self.n_embd
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
+
 
 # ----- model families other than GPT (models/<arch>.py); `model.arch` picks one --------------------------
 

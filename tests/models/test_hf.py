@@ -66,6 +66,18 @@ def test_transformers_loads_our_directory(tmp_path: Path, bias: bool) -> None:
     torch.testing.assert_close(got, expected, **ATOL)
 
 
+def test_config_answers_to_transformers_names(tmp_path: Path) -> None:
+    """model.config.n_positions and the other GPT2Config names code written for transformers reads."""
+    from transformers import GPT2Config
+
+    ours = tiny_gpt(V, block_size=40, n_head=4)
+    ours.save_pretrained(tmp_path)
+    theirs = GPT2Config.from_pretrained(tmp_path)
+    names = ["n_positions", "max_position_embeddings", "hidden_size", "num_attention_heads", "num_hidden_layers"]
+    for name in [*names, "vocab_size", "n_embd", "n_layer", "n_head"]:
+        assert getattr(ours.config, name) == getattr(theirs, name), name
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_our_directory_round_trips(tmp_path: Path, bias: bool) -> None:
     ours = tiny_gpt(V, block_size=40, n_head=4, bias=bias)
