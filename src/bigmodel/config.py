@@ -62,7 +62,9 @@ class GPTConfig:
     def n_positions(self) -> int:
         return self.block_size
 
-    max_position_embeddings = n_positions
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.block_size
 
     @property
     def hidden_size(self) -> int:

@@ -132,6 +132,7 @@ def test_from_pretrained_loads_in_the_dtype_asked_for(tmp_path: Path) -> None:
         ("fp32", {"torch_dtype": "bfloat16"}, torch.bfloat16),
         ("fp32", {"dtype": "torch.float16"}, torch.float16),
         ("fp32", {"dtype": "auto"}, torch.float32),
+        ("fp32", {"dtype": "bf16"}, torch.bfloat16),  # bigmodel's --dtype names too
         ("bf16", {"dtype": "auto"}, torch.bfloat16),
     ]:
         model = GPT.from_pretrained(tmp_path / path, **kw)
@@ -140,8 +141,8 @@ def test_from_pretrained_loads_in_the_dtype_asked_for(tmp_path: Path) -> None:
         with torch.no_grad():
             got = model(idx).logits.float()
         torch.testing.assert_close(got, fp32(idx).logits, rtol=0.1, atol=0.1)
-    for kw in [{"dtype": "int8"}, {"dtype": torch.int8}, {"dtype": "bf16"}]:
-        with pytest.raises(ValueError, match="use one of float32, bfloat16, float16, 'auto'"):
+    for kw in [{"dtype": "int8"}, {"dtype": torch.int8}, {"dtype": torch.float64}, {"dtype": "half"}]:
+        with pytest.raises(ValueError, match="use float32, bfloat16 or float16"):
             GPT.from_pretrained(tmp_path / "fp32", **kw)
     with pytest.raises(ValueError, match="not both"):
         GPT.from_pretrained(tmp_path / "fp32", dtype="float32", torch_dtype="float32")

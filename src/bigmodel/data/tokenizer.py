@@ -6,7 +6,7 @@ which separates documents in the shards. Saved directories load with `AutoTokeni
 
 Calls written for transformers' tokenizers work too: `tok(texts, return_tensors="pt", padding=True)`
 gives the `input_ids` and `attention_mask` that `model.generate(**enc)` takes, `tok.batch_decode(out)`
-the texts back, and `eos_token_id` / `pad_token_id` the end-of-text id.
+the texts back, `eos_token_id` / `pad_token_id` the end-of-text id, and `len(tok)` the vocabulary size.
 """
 
 from __future__ import annotations

@@ -259,8 +259,9 @@ class GPT(nn.Module):
 
         A pytorch_model.bin is read (with torch.load(weights_only=True)) only when allow_pickle is True.
         `dtype` (or transformers' older name, `torch_dtype`): the weights' dtype, a torch dtype or its name
-        ("float32", "bfloat16", "float16"), or "auto" for the dtype they are stored in; float32 by default.
-        (A checkpoint stored in bf16 then loads without ever being widened to float32.)
+        ("float32", "bfloat16", "float16", or bigmodel's "fp32", "bf16", "fp16"), or "auto" for the dtype
+        the token embedding is stored in (float32 unless that is bf16 or fp16; a bf16 checkpoint then loads
+        without being widened to float32). float32 by default, where transformers 5 defaults to "auto".
         """
         from bigmodel.models.hf import load_gpt
 

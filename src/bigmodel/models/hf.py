@@ -171,20 +171,33 @@ class _ShapesOnly(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {  # the dtypes weights load in, by transformers' names and bigmodel's (--dtype)
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
-def _load_dtype(dtype: torch.dtype | str | None, tensors: dict[str, torch.Tensor]) -> torch.dtype:
-    """The dtype to load weights in: float32 by default, "auto" for the stored one (the token embedding's)."""
+def _asked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """float32 for None, "auto" as it is, else the torch dtype of a name or dtype in _DTYPES (ValueError
+    for others): checked before any weight is read."""
     if dtype is None:
         return torch.float32
     if dtype == "auto":
-        stored = next((t.dtype for k, t in tensors.items() if k.endswith("wte.weight")), torch.float32)
-        return stored if stored in _DTYPES.values() else torch.float32
+        return "auto"
     named = _DTYPES.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
-    if named not in _DTYPES.values() or named is None:
-        raise ValueError(f"dtype={dtype!r}: use one of {', '.join(_DTYPES)}, 'auto', or a torch dtype of those")
+    if named is None or named not in _DTYPES.values():
+        raise ValueError(f"dtype={dtype!r}: use float32, bfloat16 or float16 (or fp32, bf16, fp16), or 'auto'")
     return named
+
+
+def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """For "auto": the token embedding's stored dtype when it is float32, bf16 or fp16, else float32."""
+    stored = next((t.dtype for k, t in tensors.items() if k.endswith("wte.weight")), torch.float32)
+    return stored if stored in _DTYPES.values() else torch.float32
 
 
 def load_gpt(path: str | Path, allow_pickle: bool = False, dtype: torch.dtype | str | None = None) -> GPT:
@@ -203,23 +216,27 @@ def load_gpt(path: str | Path, allow_pickle: bool = False, dtype: torch.dtype | 
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from e
     config = gpt_config_from_hf(cfg, path / "config.json")
+    asked = _asked_dtype(dtype)
     tensors = read_weights(path, allow_pickle)
-    want = _load_dtype(dtype, tensors)
+    want = _stored_dtype(tensors) if isinstance(asked, str) else asked  # (the one string: "auto")
     with torch.device("meta"), _ShapesOnly():  # no random initialisation of weights about to be replaced
         model = GPT(config)
     own = model.state_dict()
     sd: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
+    for key in list(tensors):
+        tensor = tensors.pop(key)  # (each stored tensor is let go once converted)
         name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old GPT-2 checkpoints store the causal mask as a buffer
         if name.endswith(CONV1D):
-            tensor = tensor.t().contiguous()  # the compiled decoding kernels stream contiguous rows
+            tensor = tensor.t()  # made contiguous below: the compiled decoding kernels stream contiguous rows
         if name not in own:
             if name.endswith(".bias") and not config.bias:
                 continue
             raise UserError(f"{path}: unexpected tensor {key!r}; this is not a GPT-2 layout")
-        sd[name] = tensor.to(want)
+        if tensor.dtype != want or not tensor.is_contiguous():  # one copy, converted and contiguous
+            tensor = torch.empty(tensor.shape, dtype=want).copy_(tensor)
+        sd[name] = tensor
     sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight", torch.empty(0)))
     missing = sorted(set(own) - set(sd))
     if missing:
