@@ -28,6 +28,22 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{name}={value!r} is invalid: expected {allowed}")
 
 
+class _Alias:
+    """A field read under another name (transformers'), read-only: setting it names the field to set."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj, self.field)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        raise AttributeError(f"{self.name} is read-only here: set {self.field}")
+
+
 @dataclass(kw_only=True)
 class GPTConfig:
     """GPT-2 architecture hyper-parameters (field names follow nanoGPT; HF names are mapped in models/hf.py)."""
@@ -58,25 +74,11 @@ class GPTConfig:
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a float in [0, 1)")
 
     # transformers' GPT2Config names, read-only: code written for it reads model.config.n_positions and such
-    @property
-    def n_positions(self) -> int:
-        return self.block_size
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.block_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.n_embd
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.n_head
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layer
+    n_positions = _Alias("block_size")
+    max_position_embeddings = _Alias("block_size")
+    hidden_size = _Alias("n_embd")
+    num_attention_heads = _Alias("n_head")
+    num_hidden_layers = _Alias("n_layer")
 
 
 # ----- model families other than GPT (models/<arch>.py); `model.arch` picks one --------------------------

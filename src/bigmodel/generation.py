@@ -74,6 +74,11 @@ class GenerationConfig:
             return []
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
+    @property
+    def pad_id(self) -> int:
+        """The id that pads finished rows and shorter prompts: pad_token_id, else the first stop id, else 0."""
+        return self.pad_token_id if self.pad_token_id is not None else (self.stop_ids or [0])[0]
+
 
 # transformers' generate arguments that bigmodel does not take, with what to use instead
 _INSTEAD = {
@@ -246,7 +251,7 @@ def _decode_steps(
 ) -> Iterator[Step]:
     device = _device(model)
     N, L, vocab = len(rows), max(len(p) for p in rows), model.config.vocab_size or 0
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.stop_ids or [0])[0]
+    pad = cfg.pad_id
     ids, real, positions = left_padded(rows, pad, device)
     padded = not bool(real.all())
     seen = None
@@ -330,7 +335,7 @@ def generate(
         raise ValueError("stop_strings needs tokenizer=... to see text")
     rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
     results = _complete(model, prompts, cfg, tokenizer if stop_strings else None, stop_strings, output_logprobs)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.stop_ids or [0])[0]
+    pad = cfg.pad_id
     width, L = max(len(r.token_ids) for r in results), max(len(p) for p in rows)
     out = torch.full((len(rows), L + width), pad, dtype=torch.long)
     for i, (p, r) in enumerate(zip(rows, results, strict=True)):
@@ -364,8 +369,8 @@ def _prompts_from(input_ids: Any, attention_mask: Any) -> tuple[list[list[int]],
     if len(masks) != len(rows) or any(len(m) != len(r) for m, r in zip(masks, rows, strict=False)):
         raise ValueError("attention_mask must have the shape of input_ids")
     kept = [[t for t, m in zip(r, ms, strict=True) if m] for r, ms in zip(rows, masks, strict=True)]
-    left_out = [t for r, ms in zip(rows, masks, strict=True) for t, m in zip(r, ms, strict=True) if not m]
-    return kept, (left_out[0] if left_out else None)
+    pairs = (pair for r, ms in zip(rows, masks, strict=True) for pair in zip(r, ms, strict=True))
+    return kept, next((t for t, m in pairs if not m), None)
 
 
 # ----- text: incremental decoding and stop strings ----------------------------------------------------------

@@ -181,13 +181,8 @@ _DTYPES = {  # the dtypes weights load in, by transformers' names and bigmodel's
 }
 
 
-def _asked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
-    """float32 for None, "auto" as it is, else the torch dtype of a name or dtype in _DTYPES (ValueError
-    for others): checked before any weight is read."""
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        return "auto"
+def _named_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype of a name or dtype in _DTYPES; a ValueError for others."""
     named = _DTYPES.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
     if named is None or named not in _DTYPES.values():
         raise ValueError(f"dtype={dtype!r}: use float32, bfloat16 or float16 (or fp32, bf16, fp16), or 'auto'")
@@ -216,9 +211,11 @@ def load_gpt(path: str | Path, allow_pickle: bool = False, dtype: torch.dtype | 
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from e
     config = gpt_config_from_hf(cfg, path / "config.json")
-    asked = _asked_dtype(dtype)
+    auto = dtype == "auto"
+    want = torch.float32 if dtype is None or auto else _named_dtype(dtype)  # (checked before reading weights)
     tensors = read_weights(path, allow_pickle)
-    want = _stored_dtype(tensors) if isinstance(asked, str) else asked  # (the one string: "auto")
+    if auto:
+        want = _stored_dtype(tensors)
     with torch.device("meta"), _ShapesOnly():  # no random initialisation of weights about to be replaced
         model = GPT(config)
     own = model.state_dict()
