@@ -15,6 +15,7 @@ from safetensors import safe_open
 from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
+from bigmodel.nn.attention import KVCache
 from conftest import tiny_gpt
 
 V = 96
@@ -195,13 +196,93 @@ def test_forward_takes_transformers_keywords_and_gives_its_outputs(tmp_path: Pat
         (dict(idx=ids, input_ids=ids), "token ids once"),
         (dict(), "token ids once"),
         (dict(input_ids=ids, labels=ids, last_only=True), "without targets and last_only"),
-        (dict(input_ids=ids, attention_mask=mask, cache=ours.new_cache(3)), "else pass attn_mask"),
-        (dict(input_ids=ids, attention_mask=mask, attn_mask=torch.ones(3, 1, 12, 12, dtype=torch.bool)), "else pass"),
-        (dict(input_ids=ids, attention_mask=mask[:1]), "must have the ids' shape"),
+        (dict(input_ids=ids, labels=ids, logits_to_keep=1), "without targets and last_only"),
+        (dict(input_ids=ids, attention_mask=mask, attn_mask=torch.ones(3, 1, 12, 12, dtype=torch.bool)), "not both"),
+        (dict(input_ids=ids, attention_mask=mask[:1]), r"must be \(batch, cached \+ new positions\)"),
         (dict(input_ids=ids[0]), r"must be \(batch, length\)"),
     ]:
         with pytest.raises(ValueError, match=message):
             ours(**kw)
+
+
+def _hf_step(hf: Any, ids: torch.Tensor, mask: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
+    """One forward of transformers' GPT-2 with its cache, under whichever name its version takes
+    (`cache` since 5.x, `past_key_values` before): the logits and the cache to pass next."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    out = hf(input_ids=ids, attention_mask=mask, use_cache=True, **({name: past} if past is not None else {}))
+    return out.logits, getattr(out, name)
+
+
+def test_a_manual_decoding_loop_with_the_cache_matches_transformers(tmp_path: Path) -> None:
+    """The loop users write by hand, `out = model(ids, use_cache=True)` then `model(next, cache=out.cache,
+    attention_mask=grown)` (or transformers' older `past_key_values=`), gives GPT2LMHeadModel's logits at
+    every step, for a left-padded batch; the cache is extended in place and returned again."""
+    hf = _hf_model(tmp_path)
+    ours = GPT.from_pretrained(tmp_path).eval()
+    ids = _ids(2, 6, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # row 1 is left-padded
+    with torch.no_grad():
+        theirs, their_cache = _hf_step(hf, ids, mask, None)
+        out = ours(input_ids=ids, attention_mask=mask, use_cache=True)
+        assert out.cache is not None and out.cache is out.past_key_values and out.cache.pos == 6
+        real = mask.bool()
+        torch.testing.assert_close(out.logits[real], theirs[real], **ATOL)
+        cache = out.cache
+        for step in range(4):
+            nxt = theirs[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            theirs, their_cache = _hf_step(hf, nxt, mask, their_cache)
+            keyword = "cache" if step % 2 else "past_key_values"  # either name continues the same cache
+            out = ours(input_ids=nxt, attention_mask=mask, **{keyword: cache})
+            assert out.cache is cache and cache.pos == 7 + step
+            torch.testing.assert_close(out.logits, theirs, **ATOL)
+        assert ours(input_ids=ids).cache is None  # no cache unless asked for (transformers' default is on)
+
+
+def test_hidden_states_logits_to_keep_and_tuples_as_transformers_gives_them(tmp_path: Path) -> None:
+    """output_hidden_states (embeddings, each block's output, the final LayerNorm's), logits_to_keep (a
+    count or positions) and return_dict=False (transformers' tuple: loss first when labels are given)."""
+    hf = _hf_model(tmp_path)
+    ours = GPT.from_pretrained(tmp_path).eval()
+    ids = _ids(2, 9, seed=4)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, output_hidden_states=True, use_cache=False)
+        out = ours(input_ids=ids, output_hidden_states=True)
+        assert out.hidden_states is not None and len(out.hidden_states) == 3  # n_layer + 1
+        for a, b in zip(out.hidden_states, theirs.hidden_states, strict=True):
+            torch.testing.assert_close(a, b, **ATOL)
+        logits, loss = out  # the extra outputs are attributes, not unpacked
+        assert loss is None and out.cache is None
+
+        torch.testing.assert_close(ours(ids, logits_to_keep=1).logits, theirs.logits[:, -1:], **ATOL)
+        torch.testing.assert_close(ours(ids, logits_to_keep=3).logits, theirs.logits[:, -3:], **ATOL)
+        keep = torch.tensor([0, 4])
+        torch.testing.assert_close(ours(ids, logits_to_keep=keep).logits, theirs.logits[:, keep], **ATOL)
+
+        for kw in [dict(labels=ids), dict(), dict(labels=ids, output_hidden_states=True)]:
+            mine = ours(input_ids=ids, return_dict=False, **kw)
+            their = hf(input_ids=ids, return_dict=False, use_cache=False, **kw)
+            assert isinstance(mine, tuple) and len(mine) == len(their)
+            for a, b in zip(mine, their, strict=True):
+                torch.testing.assert_close(a, b, **ATOL)  # tensors, or tuples of them
+        assert [type(x) for x in ours(ids, use_cache=True, return_dict=False)] == [torch.Tensor, KVCache]
+
+    from transformers import DynamicCache
+
+    for kw, message in [
+        (dict(output_attentions=True), "attention weights are not kept"),
+        (dict(cache=ours.new_cache(2), past_key_values=ours.new_cache(2)), "pass the cache once"),
+        (dict(past_key_values=DynamicCache()), "must be a bigmodel KVCache"),
+        (dict(past_key_values=((torch.zeros(1),) * 2,) * 2), "must be a bigmodel KVCache"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ours(ids, **kw)
+    cache = ours(ids, use_cache=True).cache
+    with pytest.raises(ValueError, match=r"must be \(batch, cached \+ new positions\) = \(2, 10\)"):
+        ours(ids[:, :1], cache=cache, attention_mask=torch.ones(2, 1))
 
 
 def test_greedy_generate_matches_transformers(tmp_path: Path) -> None:

@@ -74,12 +74,37 @@ class Transformer(nn.Module):
         self.ln_f = LayerNorm(config.n_embd, config.bias)
 
 
-class LMOutput(NamedTuple):
-    """What GPT's forward returns: unpack it (`logits, loss = model(x, y)`), or read it as transformers'
-    outputs are read (`model(**enc).logits`, `model(ids, labels=ids).loss`)."""
-
-    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only
+class _LogitsAndLoss(NamedTuple):
+    logits: torch.Tensor  # (B, T, V), or fewer positions with last_only / logits_to_keep
     loss: torch.Tensor | None
+
+
+class LMOutput(_LogitsAndLoss):
+    """What GPT's forward returns: unpack it (`logits, loss = model(x, y)`), or read it as transformers'
+    outputs are read (`model(**enc).logits`, `model(ids, labels=ids).loss`).
+
+    Two more attributes answer transformers' requests; they are not unpacked:
+      cache          the KVCache the call read and extended (with use_cache=True, or a cache passed in);
+                     `past_key_values` is its older name
+      hidden_states  with output_hidden_states=True, a tuple of n_layer + 1 tensors (B, T, C): the
+                     embeddings, each block's output, and last the final LayerNorm's output (as transformers)
+    """
+
+    cache: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> KVCache | None:
+        return self.cache
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """transformers' tuple (its return_dict=False): loss, logits, cache, hidden_states, without the Nones."""
+        return tuple(x for x in (self.loss, self.logits, self.cache, self.hidden_states) if x is not None)
+
+
+def _keeps_all(logits_to_keep: int | torch.Tensor) -> bool:
+    """Whether transformers' logits_to_keep asks for every position's logits (its default, 0)."""
+    return isinstance(logits_to_keep, int) and logits_to_keep == 0
 
 
 class GPT(nn.Module):
@@ -150,23 +175,45 @@ class GPT(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> LMOutput:
-        """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only) and the mean loss of
-        `targets` (B, T), the next token at each position (targets of -1 are padding and ignored).
+        past_key_values: KVCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+    ) -> LMOutput | tuple[Any, ...]:
+        """idx (B, T) token ids -> LMOutput: logits (B, T, V) (or (B, 1, V) with last_only) and the mean loss
+        of `targets` (B, T), the next token at each position (targets of -1 are padding and ignored).
 
         `label_smoothing` (training only; see nn/losses.py) spreads that probability mass over the vocabulary
         in the loss.
 
-        For batches of padded prompts the generation engine passes `position_ids` (B, T) and a boolean
-        `attn_mask` (B, 1, T, cached + T) saying which keys each query may see; otherwise attention is causal.
+        `cache`: a KVCache (`new_cache`) holding the positions before idx; the call stores idx's keys and
+        values after them, and positions continue from there. For batches of padded prompts the generation
+        engine passes `position_ids` (B, T) and a boolean `attn_mask` (B, 1, T, cached + T) saying which keys
+        each query may see; otherwise attention is causal.
 
-        transformers' keywords work too: `input_ids` for idx; `attention_mask` (B, T), 1 on real tokens, for
-        padded rows without a cache (positions stay 0..T-1, as GPT2LMHeadModel has them); `labels` (B, T),
-        the inputs themselves, shifted inside as GPT2LMHeadModel does (labels of -100 ignored).
+        transformers' keywords work too, with GPT2LMHeadModel's numbers:
+          input_ids         for idx
+          attention_mask    (B, cached + T), 1 on real tokens: padding is hidden as keys; positions are not
+                            shifted by it (0..T-1 without a cache, as GPT2LMHeadModel has them)
+          labels            (B, T), the inputs themselves, shifted inside (labels of -100 ignored)
+          use_cache=True    start a KVCache (block_size positions) and return it as `.cache`; pass it back
+                            as `cache=` or `past_key_values=` to continue. Off by default here (transformers:
+                            on), so training and scoring never allocate one
+          output_hidden_states=True   `.hidden_states`, see LMOutput
+          logits_to_keep    n > 0: logits of the last n positions only; or a tensor of the positions to keep
+          return_dict=False transformers' tuple (LMOutput.to_tuple) instead of the LMOutput
         """
-        idx, attn_mask = self._resolve_inputs(
+        if output_attentions:
+            raise ValueError(
+                "output_attentions=True: attention weights are not kept (attention runs fused, through "
+                "scaled_dot_product_attention)"
+            )
+        idx, cache, attn_mask = self._resolve_inputs(
             idx=idx, input_ids=input_ids, attention_mask=attention_mask, attn_mask=attn_mask,
-            targets=targets, labels=labels, cache=cache, last_only=last_only,
+            targets=targets, labels=labels, cache=cache, past_key_values=past_key_values, use_cache=use_cache,
+            last_only=last_only or not _keeps_all(logits_to_keep),
         )
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -179,8 +226,11 @@ class GPT(nn.Module):
             position_ids = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         t = self.transformer
         x = t.drop(t.wte(idx) + t.wpe(position_ids))  # (B, T, C)
+        hidden: list[torch.Tensor] = []
         recompute = self.activation_checkpointing and self.training and cache is None
         for i, block in enumerate(t.h):
+            if output_hidden_states:
+                hidden.append(x)
             if recompute:  # keep only the block's input; its activations are recomputed during backward
                 x = torch.utils.checkpoint.checkpoint(block, x, None, i, attn_mask, use_reentrant=False)
             else:
@@ -188,18 +238,27 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = t.ln_f(x)
+        if output_hidden_states:
+            hidden.append(x)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): generation needs only the next-token logits
+        elif not _keeps_all(logits_to_keep):
+            x = x[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else x[:, logits_to_keep]
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = classification_loss(logits, targets, label_smoothing, ignore_index=-1)
         elif labels is not None:  # transformers' convention: position t predicts labels[t + 1]
             loss = classification_loss(logits[:, :-1], labels[:, 1:], label_smoothing, ignore_index=-100)
-        return LMOutput(logits, loss)
+        out = LMOutput(logits, loss)
+        if cache is not None:
+            out.cache = cache
+        if output_hidden_states:
+            out.hidden_states = tuple(hidden)
+        return out.to_tuple() if return_dict is False else out
 
-    @staticmethod
     def _resolve_inputs(
+        self,
         *,
         idx: torch.Tensor | None,
         input_ids: torch.Tensor | None,
@@ -208,25 +267,45 @@ class GPT(nn.Module):
         targets: torch.Tensor | None,
         labels: torch.Tensor | None,
         cache: KVCache | None,
+        past_key_values: KVCache | None,
+        use_cache: bool | None,
         last_only: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The token ids (idx, or transformers' input_ids) and the attention mask (attn_mask, or the one
-        transformers' attention_mask (B, T) describes); a ValueError for inputs that contradict each other."""
+    ) -> tuple[torch.Tensor, KVCache | None, torch.Tensor | None]:
+        """The token ids (idx, or transformers' input_ids), the cache (cache, past_key_values, or a new one
+        for use_cache=True) and the attention mask (attn_mask, or the one transformers' attention_mask
+        describes); a ValueError for inputs that contradict each other."""
         ids = input_ids if idx is None else idx
         if ids is None or (idx is not None and input_ids is not None):
             raise ValueError("pass the token ids once: as idx (the first argument) or as input_ids")
         if ids.dim() != 2:
             raise ValueError(f"token ids must be (batch, length), got shape {tuple(ids.shape)}")
         if labels is not None and (targets is not None or last_only):
-            raise ValueError("labels (transformers' unshifted targets) go without targets and last_only")
+            raise ValueError(
+                "labels (transformers' unshifted targets) go without targets and last_only (or logits_to_keep)"
+            )
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("pass the cache once: as cache or as past_key_values (its older name)")
+            cache = past_key_values
+        if cache is not None and not (hasattr(cache, "pos") and hasattr(cache, "advance")):
+            raise ValueError(
+                f"the cache must be a bigmodel KVCache (an earlier output's .cache, or model.new_cache(batch)), "
+                f"not {type(cache).__name__}"
+            )
+        if cache is None and use_cache:
+            cache = self.new_cache(ids.shape[0])
         if attention_mask is None:
-            return ids, attn_mask
-        if attn_mask is not None or cache is not None:
-            raise ValueError("attention_mask (B, T) covers a whole sequence without a cache; else pass attn_mask")
+            return ids, cache, attn_mask
+        if attn_mask is not None:
+            raise ValueError("pass attention_mask (B, cached + T) or attn_mask (B, 1, T, cached + T), not both")
         real = torch.as_tensor(attention_mask, device=ids.device).bool()
-        if real.shape != ids.shape:
-            raise ValueError(f"attention_mask {tuple(real.shape)} must have the ids' shape {tuple(ids.shape)}")
-        return ids, prompt_mask(real)
+        keys = ids.shape[1] + (cache.pos if cache is not None else 0)
+        if real.shape != (ids.shape[0], keys):
+            raise ValueError(
+                f"attention_mask {tuple(real.shape)} must be (batch, cached + new positions) = "
+                f"{(ids.shape[0], keys)}"
+            )
+        return ids, cache, prompt_mask(real, queries=ids.shape[1])
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config

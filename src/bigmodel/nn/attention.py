@@ -9,12 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def prompt_mask(real: torch.Tensor) -> torch.Tensor:
-    """The attention mask (N, 1, L, L) of padded rows, real (N, L) bool marking their tokens: causal,
-    padding hidden as keys, and every query may see itself (so no row of the softmax is empty)."""
-    L = real.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=real.device).tril()
-    return ((causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=real.device))[:, None]
+def prompt_mask(real: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+    """The attention mask (N, 1, T, S) of padded rows, real (N, S) bool marking their tokens, for queries at
+    the last T = `queries` positions (all S by default): causal, padding hidden as keys, and every query
+    may see itself (so no row of the softmax is empty)."""
+    S = real.shape[1]
+    T = S if queries is None else queries
+    q = torch.arange(S - T, S, device=real.device)[:, None]  # (T, 1) each query's position
+    k = torch.arange(S, device=real.device)  # (S,)
+    return (((k <= q) & real[:, None, :]) | (k == q))[:, None]
 
 
 class KVCache:
