@@ -139,7 +139,7 @@ def test_training_mode_is_restored(model: GPT) -> None:
         (dict(do_sample=True, temperature=-1.0), "temperature=-1.0 must be > 0"),
         (dict(do_sample=True, top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
         (dict(do_sample=True, top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
-        (dict(do_sample=True, top_k=0), "top_k=0 must be >= 1"),
+        (dict(do_sample=True, top_k=-1), r"top_k=-1 must be >= 0 \(0 = off\)"),
         (dict(max_new_tokens=44), r"prompt \(5 tokens\) \+ max_new_tokens \(44\) exceeds the context window of 48"),
         (dict(max_length=49), "exceeds the context window"),
         (dict(max_new_tokens=0), "max_new_tokens=0 must be >= 1"),
@@ -185,6 +185,22 @@ def test_filter_logits() -> None:
     assert (_filtered(logits, 1, None) == inf).sum().item() == 6
 
 
+def test_sampling_keeps_the_50_most_likely_tokens_unless_told_as_transformers_does() -> None:
+    """transformers samples among the top 50 tokens when top_k is not given, and top_k=0 (or None) turns
+    that off; the examples users copy (`do_sample=True, top_k=0, top_p=0.92`) rely on both."""
+    import transformers
+
+    theirs = transformers.GenerationConfig()
+    default = getattr(theirs, "_get_default_generation_params", lambda: {"top_k": theirs.top_k})()["top_k"]
+    assert GenerationConfig().top_k == default == 50
+    logits = torch.randn(3, 96, generator=torch.Generator().manual_seed(0))
+    kept = lambda **kw: torch.isfinite(process_logits(logits, None, GenerationConfig(do_sample=True, **kw)))  # noqa: E731
+    assert kept().sum(-1).tolist() == [50, 50, 50]
+    assert kept(top_k=0).all() and kept(top_k=None).all()
+    assert kept(top_k=0, top_p=0.5).sum() < logits.numel()  # top-p alone
+    assert torch.equal(process_logits(logits, None, GenerationConfig()), logits)  # greedy: untouched
+
+
 def test_sampling_follows_the_distribution() -> None:
     probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
     logits = torch.log(probs).expand(4000, 4)
@@ -216,7 +232,7 @@ def _transformers_processors(cfg: GenerationConfig) -> Any:
         procs.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
     if cfg.do_sample:
         procs.append(TemperatureLogitsWarper(cfg.temperature))
-        if cfg.top_k is not None:
+        if cfg.top_k:
             procs.append(TopKLogitsWarper(cfg.top_k))
         if cfg.top_p is not None:
             procs.append(TopPLogitsWarper(cfg.top_p))

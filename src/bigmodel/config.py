@@ -297,6 +297,58 @@ TASK_ARCHS: dict[str, tuple[str, ...]] = {
 }
 
 
+@dataclass(kw_only=True)
+class GenerationConfig:
+    """The knobs of generation, named and defaulted as in transformers' GenerationConfig (top_k 50 when
+    sampling; 0 or None turns it off). `GPT.generate` starts from the model's own (`model.generation_config`,
+    read from a directory's generation_config.json), and its keywords override them."""
+
+    max_new_tokens: int | None = None  # wins over max_length
+    max_length: int | None = None  # prompt + new tokens (transformers' default: 20)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50  # transformers' default when sampling; 0 or None: off
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+    eos_token_id: int | list[int] | None = None  # stop token ids
+    pad_token_id: int | None = None
+    seed: int | None = None
+
+    def validate(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        check(
+            self.max_new_tokens is None or self.max_new_tokens >= 1,
+            f"max_new_tokens={self.max_new_tokens} must be >= 1",
+        )
+        check(self.max_length is None or self.max_length >= 1, f"max_length={self.max_length} must be >= 1")
+        check(self.num_return_sequences >= 1, f"num_return_sequences={self.num_return_sequences} must be >= 1")
+        check(self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = off)")
+        if self.do_sample:
+            check(
+                self.temperature > 0, f"temperature={self.temperature} must be > 0 when sampling (or do_sample=False)"
+            )
+            check(self.top_k is None or self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)")
+            check(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
+            check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]")
+
+    @property
+    def stop_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        """The id that pads finished rows and shorter prompts: pad_token_id, else the first stop id, else 0."""
+        return self.pad_token_id if self.pad_token_id is not None else (self.stop_ids or [0])[0]
+
+
+
 def arch_of(model: Any) -> str:
     """The `model.arch` name of a model config instance."""
     return str(getattr(type(model), "arch", "gpt"))

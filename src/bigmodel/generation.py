@@ -1,7 +1,7 @@
 """The generation engine: one decoder for the Python API, the CLI, evaluation and (later) the server.
 
 Reading order:
-  GenerationConfig     the knobs, named as in transformers, validated with clear ValueErrors
+  GenerationConfig     (config.py) the knobs, named and defaulted as in transformers, validated
   process_logits       repetition penalty -> temperature -> top-k -> top-p -> min-p (transformers' order)
   decode               the loop: left-padded batch prefill into a preallocated KV cache, then one token
                        per step for every row; yields each step's tokens and their log-probabilities
@@ -15,6 +15,7 @@ Reading order:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import warnings
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bigmodel import hardware
+from bigmodel.config import GenerationConfig
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT, MLP, Block
 from bigmodel.nn.attention import CausalSelfAttention, prompt_mask
@@ -33,62 +35,18 @@ if TYPE_CHECKING:
     from bigmodel.data.tokenizer import Tokenizer
 
 
-@dataclass(kw_only=True)
-class GenerationConfig:
-    max_new_tokens: int | None = None  # wins over max_length
-    max_length: int | None = None  # prompt + new tokens (transformers' default: 20)
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    num_return_sequences: int = 1
-    eos_token_id: int | list[int] | None = None  # stop token ids
-    pad_token_id: int | None = None
-    seed: int | None = None
-
-    def validate(self) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
-
-        check(
-            self.max_new_tokens is None or self.max_new_tokens >= 1,
-            f"max_new_tokens={self.max_new_tokens} must be >= 1",
-        )
-        check(self.max_length is None or self.max_length >= 1, f"max_length={self.max_length} must be >= 1")
-        check(self.num_return_sequences >= 1, f"num_return_sequences={self.num_return_sequences} must be >= 1")
-        check(self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = off)")
-        if self.do_sample:
-            check(
-                self.temperature > 0, f"temperature={self.temperature} must be > 0 when sampling (or do_sample=False)"
-            )
-            check(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1")
-            check(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
-            check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]")
-
-    @property
-    def stop_ids(self) -> list[int]:
-        if self.eos_token_id is None:
-            return []
-        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
-
-    @property
-    def pad_id(self) -> int:
-        """The id that pads finished rows and shorter prompts: pad_token_id, else the first stop id, else 0."""
-        return self.pad_token_id if self.pad_token_id is not None else (self.stop_ids or [0])[0]
-
-
 # transformers' generate arguments that bigmodel does not take, with what to use instead
 _INSTEAD = {
     "num_beams": "beam search is not built (num_beams=1 is accepted): decode greedily or sample",
     "output_scores": "output_logprobs=True returns the chosen tokens' log-probabilities",
     "return_dict_in_generate": "generate returns the ids, and (ids, logprobs) with output_logprobs=True",
+    "no_repeat_ngram_size": "not built: repetition_penalty > 1 discourages repeats",
 }
 
 
-def _split_kwargs(kwargs: dict[str, Any]) -> GenerationConfig:
+def _split_kwargs(kwargs: dict[str, Any], base: GenerationConfig | None = None) -> GenerationConfig:
+    """The GenerationConfig of `base` (defaults: GenerationConfig's) with the keywords given; a ValueError
+    for unknown keywords and invalid values."""
     kwargs = dict(kwargs)
     kwargs.pop("use_cache", None)  # transformers' switch for the KV cache, which bigmodel always uses (same tokens)
     for name, off in (("num_beams", 1), ("output_scores", False), ("return_dict_in_generate", False)):
@@ -101,7 +59,7 @@ def _split_kwargs(kwargs: dict[str, Any]) -> GenerationConfig:
         raise ValueError(
             f"unknown generation argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}{hints}"
         )
-    config = GenerationConfig(**kwargs)
+    config = dataclasses.replace(base, **kwargs) if base is not None else GenerationConfig(**kwargs)
     config.validate()
     return config
 
@@ -115,7 +73,7 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, cfg: Generat
     if not cfg.do_sample:
         return logits
     logits = logits / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
+    if cfg.top_k and cfg.top_k < logits.size(-1):  # (0 or None: off)
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p is not None and cfg.top_p < 1.0:
@@ -316,18 +274,21 @@ def generate(
     stop_strings: list[str] | None = None,
     tokenizer: Tokenizer | None = None,
     output_logprobs: bool = False,
+    generation_config: GenerationConfig | None = None,
     **kwargs: Any,
 ) -> Any:
     """Continue each row of `input_ids` (B, T); returns (B * num_return_sequences, T + new) token ids.
 
     Keywords as in transformers' `generate`: max_new_tokens, max_length, do_sample, temperature, top_k,
-    top_p, min_p, repetition_penalty, num_return_sequences, eos_token_id, pad_token_id, plus `seed`.
+    top_p, min_p, repetition_penalty, num_return_sequences, eos_token_id, pad_token_id, plus `seed`. As
+    in transformers they override `generation_config`, by default the model's own (`model.generation_config`:
+    what from_pretrained read from generation_config.json, such as the end-of-text id to stop at).
     `attention_mask` (B, T) marks the real tokens of padded rows (either side); the prompts come back
     left-padded with the id it left out, unless pad_token_id is given. Rows that stop (an eos token, or a
     stop string, which needs `tokenizer`) are padded until all have. With output_logprobs=True returns
     (ids, logprobs (N, new)).
     """
-    cfg = _split_kwargs(kwargs)
+    cfg = _split_kwargs(kwargs, generation_config or getattr(model, "generation_config", None))
     prompts, pad_id = _prompts_from(input_ids, attention_mask)
     if cfg.pad_token_id is None and pad_id is not None:  # pad as the input was padded (the tokenizer's pad id)
         cfg.pad_token_id = pad_id

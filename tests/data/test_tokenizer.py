@@ -175,6 +175,54 @@ def test_calls_written_for_transformers_tokenizers_give_what_they_give(
         ours.token_type_ids  # noqa: B018
 
 
+def test_more_of_transformers_tokenizer_names_give_what_they_give(bpe: Tokenizer, tmp_path: Path) -> None:
+    """encode(return_tensors="pt"), tokenize, the token/id conversions, get_vocab, the special tokens,
+    `tok.pad_token = ...` (which then pads) and decode's clean_up_tokenization_spaces, against transformers."""  # noqa: E501
+    import torch
+    from transformers import AutoTokenizer
+
+    bpe.save_pretrained(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_pretrained(tmp_path)
+    text = "The king ' s crown , they say , isn ' t his . Is it ? No !"
+    assert torch.equal(ours.encode(text, return_tensors="pt"), theirs.encode(text, return_tensors="pt"))
+    assert ours.encode(text, return_tensors="pt").shape == (1, len(ours.encode(text)))
+    tokens = ours.tokenize(text)
+    assert tokens == theirs.tokenize(text)
+    assert ours.convert_tokens_to_ids(tokens) == theirs.convert_tokens_to_ids(tokens) == ours.encode(text)
+    assert ours.convert_tokens_to_ids(tokens[1]) == theirs.convert_tokens_to_ids(tokens[1])
+    assert ours.convert_ids_to_tokens(ours.encode(text)) == tokens
+    assert ours.convert_ids_to_tokens(torch.tensor(ours.encode(text))[3]) == tokens[3]
+    assert ours.get_vocab() == theirs.get_vocab()
+    assert (ours.eos_token, ours.bos_token, ours.bos_token_id) == (theirs.eos_token, theirs.bos_token, ours.eot_id)
+    ids = ours.encode(text)
+    for clean in (True, False):
+        assert ours.decode(ids, clean_up_tokenization_spaces=clean) == theirs.decode(
+            ids, clean_up_tokenization_spaces=clean
+        )
+        assert ours.batch_decode([ids], clean_up_tokenization_spaces=clean) == theirs.batch_decode(
+            [ids], clean_up_tokenization_spaces=clean
+        )
+    assert ours.decode(ids, clean_up_tokenization_spaces=True) == text  # byte-level BPE: the text as it was
+
+    ours.pad_token = ours.eos_token  # the line transformers' GPT-2 users write: the end-of-text id still pads
+    assert ours.pad_token == EOT and ours.pad_token_id == ours.eot_id
+    other = tokens[0]
+    ours.pad_token = theirs.pad_token = other  # another token of the vocabulary pads from then on
+    theirs.padding_side = "left"
+    assert ours.pad_token_id == theirs.pad_token_id == ours.convert_tokens_to_ids(other)
+    batch = ["a", "The king loves the crown."]
+    assert dict(ours(batch, padding=True)) == dict(theirs(batch, padding=True))
+    ours.pad_token_id = ours.eot_id
+    assert ours.pad_token == EOT
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        ours.pad_token = "[PAD]"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ours.pad_token_id = len(ours)
+    with pytest.raises(ValueError, match="lists or torch tensors"):
+        ours.encode(text, return_tensors="np")
+
+
 def test_from_file_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         Tokenizer.from_file(tmp_path / "nope.json")

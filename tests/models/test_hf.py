@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from bigmodel.config import GenerationConfig
 from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
@@ -239,7 +241,36 @@ def test_a_manual_decoding_loop_with_the_cache_matches_transformers(tmp_path: Pa
             out = ours(input_ids=nxt, attention_mask=mask, **{keyword: cache})
             assert out.cache is cache and cache.pos == 7 + step
             torch.testing.assert_close(out.logits, theirs, **ATOL)
-        assert ours(input_ids=ids).cache is None  # no cache unless asked for (transformers' default is on)
+        assert cache.max_len < ours.config.block_size  # it grew with what it holds, not the whole window
+        plain = ours(input_ids=ids)
+        assert plain.cache is None  # no cache unless asked for (transformers' default is on)
+        with pytest.warns(UserWarning, match="keeps one only with use_cache=True"):  # a loop expecting one is told
+            assert plain.past_key_values is None
+        assert ours(input_ids=nxt, cache=cache, use_cache=False).cache is None  # used, not returned (as theirs)
+
+
+def test_a_cache_call_keeps_its_gradients_and_checks_its_inputs(tmp_path: Path) -> None:
+    """use_cache=True with gradients on: the call's own keys and values keep theirs (a backward works and
+    equals the one without a cache); a cache of other rows, or inputs that contradict, raise ValueError."""
+    _hf_model(tmp_path)
+    ours = GPT.from_pretrained(tmp_path)
+    ids = _ids(2, 7, seed=5)
+    ours(input_ids=ids, labels=ids, use_cache=True).loss.backward()
+    with_cache = [p.grad.clone() for p in ours.parameters()]
+    ours.zero_grad()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    for a, p in zip(with_cache, ours.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+    out = ours(input_ids=ids[:, :4], use_cache=True)
+    ours(input_ids=ids[:, 4:], cache=out.cache).logits.sum().backward()  # a second call: its own graph
+    for kw, message in [
+        (dict(input_ids=ids[:1, 4:], cache=out.cache), "the cache holds 2 rows, the token ids 1"),
+        (dict(input_ids=ids, logits_to_keep=torch.ones(2, 3, dtype=torch.long)), "a count or a 1-D tensor"),
+        (dict(input_ids=ids, logits_to_keep=2, last_only=True), "last_only or logits_to_keep, not both"),
+        (dict(input_ids=ids[:, :1], attention_mask=torch.ones(2, 5)), "no cache was passed: start one with use_cache"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ours(**kw)
 
 
 def test_hidden_states_logits_to_keep_and_tuples_as_transformers_gives_them(tmp_path: Path) -> None:
@@ -335,6 +366,63 @@ def test_greedy_generate_matches_transformers_loaded_model_with_eos(tmp_path: Pa
     got = ours.generate(idx, max_new_tokens=25, eos_token_id=eos)
     assert got.tolist() == _hf_greedy(hf, idx, 25, eos).tolist()
     assert got[0, : 5 + k].tolist() == free[0, : 5 + k].tolist() and (got[0, 5 + k :] == eos).all()
+
+
+def test_generate_starts_from_the_directorys_generation_config_as_transformers_does(tmp_path: Path) -> None:
+    """`model.generate(ids)` with no eos_token_id stops where transformers' does: at the eos id of the
+    directory's generation_config.json (else config.json's), padding finished rows with it. Its other knobs
+    are defaults that keywords override; ones bigmodel does not apply are named in a warning."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    hf = _hf_model(tmp_path, seed=1)
+    idx = _ids(2, 5, seed=7)
+    free = GPT.from_pretrained(tmp_path).generate(idx, max_new_tokens=25, eos_token_id=None)
+    gen0 = free[0, 5:].tolist()
+    eos = gen0[next(i for i in range(3, len(gen0)) if gen0[i] not in gen0[:i])]  # first emitted part-way
+    hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = eos
+    hf.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what transformers writes there is applied, or changes nothing
+        ours = GPT.from_pretrained(tmp_path)
+    assert ours.generation_config.eos_token_id == eos
+    theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=25)  # their defaults
+    got = ours.generate(idx, max_new_tokens=25)  # ours
+    assert got.tolist() == theirs.tolist() and (got[0, -1] == eos)
+    assert got.shape[1] < free.shape[1] or (got[0] != free[0]).any()  # it did stop early
+    assert ours.generate(idx, max_new_tokens=25, eos_token_id=None).tolist() == free.tolist()  # keywords win
+
+    (tmp_path / "generation_config.json").unlink()  # then config.json's ids, as transformers reads them
+    assert GPT.from_pretrained(tmp_path).generation_config.eos_token_id == V - 1
+
+    raw = {"eos_token_id": 3, "do_sample": True, "top_k": 0, "temperature": 0.7, "num_beams": 1, "bos_token_id": 3}
+    (tmp_path / "generation_config.json").write_text(json.dumps(raw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing ignored: num_beams=1 is transformers' default
+        model = GPT.from_pretrained(tmp_path)
+    g = model.generation_config
+    assert (g.eos_token_id, g.do_sample, g.top_k, g.temperature) == (3, True, 0, 0.7)
+    a = model.generate(idx, max_new_tokens=6, seed=1)
+    assert torch.equal(a, model.generate(idx, max_new_tokens=6, seed=1, do_sample=True, top_k=0, temperature=0.7))
+    assert torch.equal(  # greedy when asked, by keyword or by a GenerationConfig of one's own
+        model.generate(idx, max_new_tokens=6, do_sample=False),
+        model.generate(idx, max_new_tokens=6, generation_config=GenerationConfig(eos_token_id=3)),
+    )
+    (tmp_path / "generation_config.json").write_text(json.dumps({**raw, "num_beams": 4, "no_repeat_ngram_size": 2}))
+    with pytest.warns(UserWarning, match="no_repeat_ngram_size, num_beams not applied by bigmodel's generate"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_p": 2.0}))
+    with pytest.raises(UserError, match=r"generation_config.json: top_p=2.0 must be in \(0, 1\]"):
+        GPT.from_pretrained(tmp_path)
+
+    # save_pretrained writes what differs from the defaults, and transformers reads the same knobs back
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9)
+    model.save_pretrained(tmp_path / "saved", Tokenizer.char())
+    theirs_cfg = HFGenerationConfig.from_pretrained(tmp_path / "saved")
+    assert (theirs_cfg.do_sample, theirs_cfg.temperature, theirs_cfg.top_p) == (True, 0.7, 0.9)
+    assert theirs_cfg.eos_token_id == Tokenizer.char().eot_id
+    reloaded = GPT.from_pretrained(tmp_path / "saved").generation_config
+    eot = Tokenizer.char().eot_id
+    assert reloaded == GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, eos_token_id=eot)
 
 
 def test_tokenizer_saved_with_the_model(tmp_path: Path) -> None:

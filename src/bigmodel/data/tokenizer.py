@@ -5,15 +5,17 @@ Two kinds: `bpe` (byte-level BPE trained on the corpus, like GPT-2's) and `char`
 which separates documents in the shards. Saved directories load with `AutoTokenizer.from_pretrained`.
 
 Calls written for transformers' tokenizers work too: `tok(texts, return_tensors="pt", padding=True)`
-gives the `input_ids` and `attention_mask` that `model.generate(**enc)` takes, `tok.batch_decode(out)`
-the texts back, `eos_token_id` / `pad_token_id` the end-of-text id, and `len(tok)` the vocabulary size.
+gives the `input_ids` and `attention_mask` that `model.generate(**enc)` takes, `tok.encode(text,
+return_tensors="pt")` one row, `tok.batch_decode(out)` the texts back; `eos_token` / `eos_token_id` (and
+bos, and pad unless `tok.pad_token = ...` names another token) are the end-of-text token, `len(tok)` is the
+vocabulary size, and `tokenize`, `convert_tokens_to_ids`, `convert_ids_to_tokens`, `get_vocab` are there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
@@ -58,6 +60,7 @@ class Tokenizer:
         self.tok = tok
         self.kind = kind
         self.eot_id: int = eot
+        self._pad_id = eot  # transformers' `tok.pad_token = ...` may name another token of the vocabulary
 
     # ----- construction -------------------------------------------------------------------------------
     @classmethod
@@ -117,21 +120,71 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self.tok.get_vocab_size())
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False).ids)
+    @overload
+    def encode(self, text: str, *, return_tensors: None = None, add_special_tokens: bool = True) -> list[int]: ...
+
+    @overload
+    def encode(self, text: str, *, return_tensors: str, add_special_tokens: bool = True) -> torch.Tensor: ...
+
+    def encode(
+        self, text: str, *, return_tensors: str | None = None, add_special_tokens: bool = True
+    ) -> list[int] | torch.Tensor:
+        """Text -> token ids; with transformers' return_tensors="pt", a (1, T) tensor for `generate`
+        (`model.generate(tok.encode(text, return_tensors="pt"))`). GPT-2 adds no special tokens either way."""
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r}: bigmodel returns lists or torch tensors ('pt')")
+        ids = list(self.tok.encode(text, add_special_tokens=False).ids)
+        return ids if return_tensors is None else torch.tensor([ids], dtype=torch.long)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids: Iterable[int] | Any, skip_special_tokens: bool = False) -> str:
-        """Token ids (a list, or a 1-D tensor such as `model.generate(...)[0]`) -> text."""
+    def decode(
+        self, ids: Iterable[int] | Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
+    ) -> str:
+        """Token ids (a list, or a 1-D tensor such as `model.generate(...)[0]`) -> text, byte for byte.
+        clean_up_tokenization_spaces is taken and changes nothing, as in transformers 5 for byte-level BPE
+        (its clean-up, meant for WordPiece, would remove spaces the text has)."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         return str(self.tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def tokenize(self, text: str) -> list[str]:
+        """Text -> its tokens as strings (byte-level: a leading space reads as 'Ġ'), as transformers' tokenize."""
+        return list(self.tok.encode(text, add_special_tokens=False).tokens)
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int | None] | None:
+        """A token string (or a list of them) -> its id (None for a string outside the vocabulary)."""
+        if isinstance(tokens, str):
+            return self.tok.token_to_id(tokens)
+        return [self.tok.token_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: Any) -> str | list[str]:
+        """An id (or ids: a list or tensor) -> its token string (or strings)."""
+        if isinstance(ids, int) or (isinstance(ids, torch.Tensor) and ids.dim() == 0):
+            return str(self.tok.id_to_token(int(ids)))
+        return [str(self.tok.id_to_token(int(i))) for i in ids]
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every token string and its id, special tokens included."""
+        return dict(self.tok.get_vocab(with_added_tokens=True))
 
     # ----- transformers' names ------------------------------------------------------------------------
     @property
     def eos_token_id(self) -> int:
         return self.eot_id
+
+    @property
+    def bos_token_id(self) -> int:
+        """GPT-2's one special token begins texts as well as ending them."""
+        return self.eot_id
+
+    @property
+    def eos_token(self) -> str:
+        return EOT
+
+    @property
+    def bos_token(self) -> str:
+        return EOT
 
     def __len__(self) -> int:
         """The vocabulary's size, special tokens included, as len() of a transformers tokenizer."""
@@ -139,8 +192,28 @@ class Tokenizer:
 
     @property
     def pad_token_id(self) -> int:
-        """The end-of-text id, which also pads (GPT-2 has no other special token)."""
-        return self.eot_id
+        """The id that pads rows (`tok(texts, padding=True)`): the end-of-text id unless set (GPT-2 has no
+        other special token). `tok.pad_token = tok.eos_token`, the line transformers' users write, keeps it."""
+        return self._pad_id
+
+    @pad_token_id.setter
+    def pad_token_id(self, value: int) -> None:
+        if not 0 <= int(value) < self.vocab_size:
+            raise ValueError(f"pad_token_id={value} is outside the vocabulary [0, {self.vocab_size})")
+        self._pad_id = int(value)
+
+    @property
+    def pad_token(self) -> str:
+        return str(self.tok.id_to_token(self._pad_id))
+
+    @pad_token.setter
+    def pad_token(self, token: str) -> None:
+        pad = self.tok.token_to_id(token)
+        if pad is None:
+            raise ValueError(
+                f"pad_token {token!r} is not in the vocabulary (bigmodel adds no tokens): use tok.eos_token"
+            )
+        self._pad_id = pad
 
     def __call__(
         self,
@@ -156,7 +229,7 @@ class Tokenizer:
         """Encode as transformers' tokenizers do: {"input_ids", "attention_mask"} as lists of ids (a list of
         lists for several texts), or with return_tensors="pt" as (B, T) tensors (a text gives one row).
 
-        padding=True (or "longest") pads the rows to the longest with the end-of-text id, on the left unless
+        padding=True (or "longest") pads the rows to the longest with `pad_token_id`, on the left unless
         padding_side="right", and the mask marks the real tokens: `model.generate(**enc)` then continues
         each row as if it were alone, whichever the side (left is what generation wants; transformers pads
         GPT-2 on the right by default); padding="max_length" pads to `max_length`. truncation=True keeps the
@@ -184,7 +257,7 @@ class Tokenizer:
         if padding in (True, "longest", "max_length"):
             width = max(len(r) for r in rows) if max_length is None or padding != "max_length" else max_length
             for i, (r, m) in enumerate(zip(rows, masks, strict=True)):  # (longer rows stay as they are)
-                ids, zeros = [self.eot_id] * (width - len(r)), [0] * (width - len(r))
+                ids, zeros = [self._pad_id] * (width - len(r)), [0] * (width - len(r))
                 rows[i], masks[i] = (ids + r, zeros + m) if padding_side == "left" else (r + ids, m + zeros)
         if return_tensors is None:
             if isinstance(text, str):
@@ -200,9 +273,11 @@ class Tokenizer:
             attention_mask=torch.tensor(masks, dtype=torch.long).reshape(len(rows), -1),
         )
 
-    def batch_decode(self, sequences: Iterable[Any], skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(
+        self, sequences: Iterable[Any], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
+    ) -> list[str]:
         """`decode` of each row (a 2-D tensor such as `model.generate(...)`, or a list of id lists)."""
-        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
+        return [self.decode(ids, skip_special_tokens, clean_up_tokenization_spaces) for ids in sequences]
 
     def to_str(self) -> str:
         return str(self.tok.to_str())

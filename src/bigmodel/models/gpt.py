@@ -7,6 +7,7 @@ models/hf.py is a rename-free mapping (only GPT-2's Conv1D weights are stored tr
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from bigmodel.config import GPTConfig
+from bigmodel.config import GenerationConfig, GPTConfig
 from bigmodel.nn.attention import CausalSelfAttention, KVCache, prompt_mask
 from bigmodel.nn.losses import classification_loss
 
@@ -88,6 +89,8 @@ class LMOutput(_LogitsAndLoss):
                      `past_key_values` is its older name
       hidden_states  with output_hidden_states=True, a tuple of n_layer + 1 tensors (B, T, C): the
                      embeddings, each block's output, and last the final LayerNorm's output (as transformers)
+    Being attributes, they do not survive what rebuilds the tuple from its two fields (`_replace`, pytree's
+    flatten/unflatten, and so DDP with find_unused_parameters or static_graph).
     """
 
     cache: KVCache | None = None
@@ -95,6 +98,12 @@ class LMOutput(_LogitsAndLoss):
 
     @property
     def past_key_values(self) -> KVCache | None:
+        if self.cache is None:  # a loop copied from transformers, whose forward keeps a cache by default
+            warnings.warn(
+                "this output has no cache: bigmodel's forward keeps one only with use_cache=True "
+                "(transformers' keeps one by default)",
+                stacklevel=2,
+            )
         return self.cache
 
     def to_tuple(self) -> tuple[Any, ...]:
@@ -113,6 +122,9 @@ class GPT(nn.Module):
         if config.vocab_size is None:
             raise ValueError("GPTConfig.vocab_size is None: set it to the tokenizer's vocabulary size")
         self.config = config
+        # what `generate` starts from, as transformers' model.generation_config (from_pretrained reads a
+        # directory's generation_config.json into it; save_pretrained writes what differs from the defaults)
+        self.generation_config = GenerationConfig()
         self.activation_checkpointing = False  # recompute each block's activations in backward (train only)
         self.transformer = Transformer(config, config.vocab_size)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -198,13 +210,19 @@ class GPT(nn.Module):
           attention_mask    (B, cached + T), 1 on real tokens: padding is hidden as keys; positions are not
                             shifted by it (0..T-1 without a cache, as GPT2LMHeadModel has them)
           labels            (B, T), the inputs themselves, shifted inside (labels of -100 ignored)
-          use_cache=True    start a KVCache (block_size positions) and return it as `.cache`; pass it back
-                            as `cache=` or `past_key_values=` to continue. Off by default here (transformers:
-                            on), so training and scoring never allocate one
+          use_cache=True    start a KVCache (it grows with the positions stored, up to block_size) and
+                            return it as `.cache`; pass it back as `cache=` or `past_key_values=` to continue.
+                            Off by default here (transformers: on), so training and scoring never fill one;
+                            reading `.past_key_values` of an output without one warns so. A cache keeps
+                            values: gradients do not flow into keys and values earlier calls stored
           output_hidden_states=True   `.hidden_states`, see LMOutput
-          logits_to_keep    n > 0: logits of the last n positions only; or a tensor of the positions to keep
+          logits_to_keep    n > 0: logits of the last n positions only; or a 1-D tensor of the positions to keep
           return_dict=False transformers' tuple (LMOutput.to_tuple) instead of the LMOutput
         """
+        if last_only and not _keeps_all(logits_to_keep):
+            raise ValueError("pass last_only or logits_to_keep, not both")
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() != 1:
+            raise ValueError(f"logits_to_keep: a count or a 1-D tensor of positions, not {tuple(logits_to_keep.shape)}")
         if output_attentions:
             raise ValueError(
                 "output_attentions=True: attention weights are not kept (attention runs fused, through "
@@ -251,7 +269,7 @@ class GPT(nn.Module):
         elif labels is not None:  # transformers' convention: position t predicts labels[t + 1]
             loss = classification_loss(logits[:, :-1], labels[:, 1:], label_smoothing, ignore_index=-100)
         out = LMOutput(logits, loss)
-        if cache is not None:
+        if cache is not None and use_cache is not False:
             out.cache = cache
         if output_hidden_states:
             out.hidden_states = tuple(hidden)
@@ -292,8 +310,10 @@ class GPT(nn.Module):
                 f"the cache must be a bigmodel KVCache (an earlier output's .cache, or model.new_cache(batch)), "
                 f"not {type(cache).__name__}"
             )
-        if cache is None and use_cache:
-            cache = self.new_cache(ids.shape[0])
+        if cache is not None and cache.k.shape[1] != ids.shape[0]:
+            raise ValueError(f"the cache holds {cache.k.shape[1]} rows, the token ids {ids.shape[0]}")
+        if cache is None and use_cache:  # sized to what it holds, growing with it (transformers' grows too)
+            cache = self.new_cache(ids.shape[0], max_len=ids.shape[1], grow=True)
         if attention_mask is None:
             return ids, cache, attn_mask
         if attn_mask is not None:
@@ -301,13 +321,20 @@ class GPT(nn.Module):
         real = torch.as_tensor(attention_mask, device=ids.device).bool()
         keys = ids.shape[1] + (cache.pos if cache is not None else 0)
         if real.shape != (ids.shape[0], keys):
+            hint = ""
+            if cache is None and real.dim() == 2 and real.shape[1] > keys:
+                hint = " (no cache was passed: start one with use_cache=True, then pass out.cache)"
             raise ValueError(
                 f"attention_mask {tuple(real.shape)} must be (batch, cached + new positions) = "
-                f"{(ids.shape[0], keys)}"
+                f"{(ids.shape[0], keys)}{hint}"
             )
         return ids, cache, prompt_mask(real, queries=ids.shape[1])
 
-    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(
+        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None, *, grow: bool = False
+    ) -> KVCache:
+        """A KV cache for `batch` rows and `max_len` positions (the context window by default); with grow=True
+        it grows as positions are added, up to the context window."""
         c = self.config
         return KVCache(
             c.n_layer,
@@ -317,10 +344,12 @@ class GPT(nn.Module):
             c.n_embd // c.n_head,
             dtype=dtype or self.transformer.wte.weight.dtype,
             device=self.transformer.wte.weight.device,
+            grow_to=c.block_size if grow else None,
         )
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Continue `input_ids` (B, T); keywords as in transformers' `generate` (see bigmodel.generation)."""
+        """Continue `input_ids` (B, T); keywords as in transformers' `generate`, overriding
+        `self.generation_config` (see bigmodel.generation.generate)."""
         from bigmodel.generation import generate  # generation builds on models, not the other way round
 
         return generate(self, input_ids, **kwargs)

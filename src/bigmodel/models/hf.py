@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from bigmodel import atomic
-from bigmodel.config import GPTConfig
+from bigmodel.config import GenerationConfig, GPTConfig
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
 
@@ -102,16 +104,63 @@ def save_gpt(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -
     eot = tokenizer.eot_id if tokenizer is not None else None
     atomic.write_safetensors(path / "model.safetensors", to_hf_state_dict(model), metadata={"format": "pt"})
     atomic.write_json(path / "config.json", hf_config(model.config, eot))
-    gen = {
-        "bos_token_id": eot,
-        "eos_token_id": eot,
-        "do_sample": True,
-        "top_k": 50,
-        "max_length": model.config.block_size,
-    }
-    atomic.write_json(path / "generation_config.json", gen)
+    atomic.write_json(path / "generation_config.json", generation_config_to_hf(model.generation_config, eot))
     if tokenizer is not None:
         tokenizer.save_pretrained(path, model_max_length=model.config.block_size)
+
+
+# generation_config.json keys that change nothing bigmodel's generate does, or hold transformers' defaults
+_GENERATION_INERT = {"bos_token_id", "transformers_version", "_from_model_config", "use_cache"}
+_GENERATION_DEFAULTS = {
+    "num_beams": 1,
+    "min_length": 0,
+    "no_repeat_ngram_size": 0,
+    "early_stopping": False,
+    "length_penalty": 1.0,
+    "typical_p": 1.0,
+    "output_scores": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "return_dict_in_generate": False,
+}
+_NO_DEFAULT = object()
+
+
+def generation_config_to_hf(config: GenerationConfig, eot_id: int | None) -> dict[str, Any]:
+    """generation_config.json: the end-of-text id as bos and eos (as GPT-2's own file has them), and every
+    knob of `config` that differs from its default (so transformers' generate starts where ours does)."""
+    changed = {
+        f.name: getattr(config, f.name)
+        for f in fields(GenerationConfig)
+        if f.name != "seed" and getattr(config, f.name) != f.default
+    }
+    return {"bos_token_id": eot_id, "eos_token_id": eot_id, **changed}
+
+
+def generation_config_from_hf(path: Path, cfg: dict[str, Any]) -> GenerationConfig:
+    """The generation defaults a directory sets, read as transformers reads them: generation_config.json,
+    else config.json's eos and pad ids. Keys bigmodel's generate does not apply are named in a warning."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return GenerationConfig(**{k: cfg[k] for k in ("eos_token_id", "pad_token_id") if cfg.get(k) is not None})
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file} is not valid JSON: {e}") from e
+    known = {f.name for f in fields(GenerationConfig)} - {"seed"}
+    ignored = sorted(
+        k
+        for k, v in raw.items()
+        if k not in known | _GENERATION_INERT and v is not None and v != _GENERATION_DEFAULTS.get(k, _NO_DEFAULT)
+    )
+    if ignored:
+        warnings.warn(f"{file}: {', '.join(ignored)} not applied by bigmodel's generate", stacklevel=3)
+    try:
+        config = GenerationConfig(**{k: v for k, v in raw.items() if k in known and v is not None})
+        config.validate()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{file}: {e}") from e
+    return config
 
 
 def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -245,4 +294,5 @@ def load_gpt(path: str | Path, allow_pickle: bool = False, dtype: torch.dtype | 
             )
     model.load_state_dict(sd, assign=True)  # the loaded tensors become the parameters (no second copy)
     model.tie_weights()  # assign=True replaced both tensors; the embedding wins, as in transformers
+    model.generation_config = generation_config_from_hf(path, cfg)
     return model.eval()

@@ -25,6 +25,11 @@ class KVCache:
 
     k, v: (n_layer, B, n_head, max_len, head_dim). `pos` is the number of positions already stored; each
     layer calls `update`, and the model calls `advance` once all layers have seen the new positions.
+
+    With `grow_to`, asking for more than `max_len` positions reallocates the tensors (doubling, up to
+    grow_to) instead of raising: the cache of transformers-style calls (`model(ids, use_cache=True)`), which
+    then holds what was seen rather than the whole context window. The engine's caches keep their size:
+    its compiled steps hold their tensors.
     """
 
     def __init__(
@@ -37,23 +42,48 @@ class KVCache:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        grow_to: int | None = None,
     ) -> None:
         shape = (n_layer, batch, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        self.grow_to = grow_to
         self.pos = 0
 
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
     def check_room(self, n: int) -> None:
-        """A ValueError unless n more positions fit (decoding steps that write the cache themselves ask too)."""
-        if self.pos + n > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos + n} requested")
+        """A ValueError unless n more positions fit (decoding steps that write the cache themselves ask too);
+        a cache with `grow_to` grows first where that makes them fit."""
+        need = self.pos + n
+        if need <= self.max_len:
+            return
+        if self.grow_to is None or need > self.grow_to:
+            raise ValueError(f"KV cache holds {self.grow_to or self.max_len} positions; {need} requested")
+        size = min(self.grow_to, max(2 * self.max_len, need))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], size, old.shape[4])
+            new.narrow(3, 0, self.pos).copy_(old.narrow(3, 0, self.pos))
+            setattr(self, name, new)
+        self.max_len = size
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hd) at positions [pos, pos+T) and return all stored (B, nh, pos+T, hd)."""
+        """Store k, v (B, nh, T, hd) at positions [pos, pos+T) and return all stored (B, nh, pos+T, hd).
+
+        When k or v need gradients the cache keeps their values only and returns tensors of their own
+        (later writes would change the views autograd saved): gradients then flow into this call's keys and
+        values, not into those earlier calls stored."""
         self.check_room(k.size(2))
         end = self.pos + k.size(2)
         k_all, v_all = self.k[layer], self.v[layer]  # (B, nh, max_len, hd) views
+        if k.requires_grad or v.requires_grad:
+            k_all.narrow(2, self.pos, k.size(2)).copy_(k.detach())
+            v_all.narrow(2, self.pos, v.size(2)).copy_(v.detach())
+            return torch.cat([k_all.narrow(2, 0, self.pos), k], 2), torch.cat([v_all.narrow(2, 0, self.pos), v], 2)
         k_all.narrow(2, self.pos, k.size(2)).copy_(k)
         v_all.narrow(2, self.pos, v.size(2)).copy_(v)
         return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
@@ -100,12 +130,12 @@ class CausalSelfAttention(nn.Module):
         else:
             start = cache.pos
             k, v = cache.update(layer, k, v)  # (B, nh, start+T, hd)
-            if T == 1:  # decoding: one query per row; plain matmuls beat SDPA's kernels by ~10x here
+            dropout = self.dropout if self.training else 0.0
+            if T == 1 and not dropout:  # decoding: one query per row; plain matmuls beat SDPA's kernels ~10x here
                 y = attend_one(q, k, v, attn_mask)
-            elif attn_mask is not None:  # padded batch: the engine says which keys each query sees
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            else:  # several new tokens: causal among themselves, full view of the cached prefix
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:  # several new tokens: the mask given (padded rows), else causal after the whole cached prefix
+                if attn_mask is None:
+                    attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
