@@ -59,7 +59,8 @@ def test_input_forms_and_lengths(model: GPT) -> None:
     out = generate(model, [3, 4, 5], max_new_tokens=4)
     assert out.shape == (1, 7) and out[0, :3].tolist() == [3, 4, 5]
     assert generate(model, [[3, 4, 5]], max_length=10).shape == (1, 10)  # prompt + new = max_length
-    assert generate(model, [3, 4, 5]).shape == (1, 20)  # transformers' default max_length
+    assert generate(model, [3, 4, 5]).shape == (1, 23)  # transformers 5's default: 20 new tokens
+    assert generate(model, [1] * 40).shape == (1, 48)  # ... within the context window
     assert generate(model, [3, 4, 5], max_new_tokens=2, max_length=40).shape == (1, 5)  # max_new_tokens wins
     assert generate(model, [1] * 40, max_new_tokens=8).shape == (1, 48)  # exactly fills the context
 

@@ -348,6 +348,37 @@ class GenerationConfig:
         return self.pad_token_id if self.pad_token_id is not None else (self.stop_ids or [0])[0]
 
 
+# transformers' generation settings that change nothing bigmodel's generate does, or that hold its defaults
+_GENERATION_INERT = {"bos_token_id", "transformers_version", "_from_model_config", "use_cache"}
+_GENERATION_DEFAULTS = {
+    "num_beams": 1,
+    "min_length": 0,
+    "no_repeat_ngram_size": 0,
+    "early_stopping": False,
+    "length_penalty": 1.0,
+    "typical_p": 1.0,
+    "output_scores": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "return_dict_in_generate": False,
+}
+_NO_DEFAULT = object()
+
+
+def generation_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Split transformers' generation settings (generation_config.json, its GenerationConfig.to_dict(), a
+    dict) into those GenerationConfig takes (None values, transformers' "unset", left out) and the names of
+    those bigmodel does not apply (keys it lacks whose values are not transformers' defaults)."""
+    known = {f.name for f in fields(GenerationConfig)} - {"seed"}
+    settings = {k: v for k, v in raw.items() if k in known and v is not None}
+    ignored = sorted(
+        k
+        for k, v in raw.items()
+        if k not in known | _GENERATION_INERT and v is not None and v != _GENERATION_DEFAULTS.get(k, _NO_DEFAULT)
+    )
+    return settings, ignored
+
+
 
 def arch_of(model: Any) -> str:
     """The `model.arch` name of a model config instance."""

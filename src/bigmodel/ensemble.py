@@ -377,6 +377,7 @@ class LMEnsemble(nn.Module):
         self.config = LMEnsembleConfig(
             vocab_size=int(vocab[0] or 0), block_size=min(m.config.block_size for m in members)
         )
+        self.generation_config = copy.deepcopy(members[0].generation_config)  # what generate starts from
         self.model_dirs: list[Path] = []
 
     @classmethod

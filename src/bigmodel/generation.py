@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bigmodel import hardware
-from bigmodel.config import GenerationConfig
+from bigmodel.config import GenerationConfig, generation_settings
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT, MLP, Block
 from bigmodel.nn.attention import CausalSelfAttention, prompt_mask
@@ -42,6 +42,23 @@ _INSTEAD = {
     "return_dict_in_generate": "generate returns the ids, and (ids, logprobs) with output_logprobs=True",
     "no_repeat_ngram_size": "not built: repetition_penalty > 1 discourages repeats",
 }
+
+
+def config_for(model: Any, kwargs: dict[str, Any], given: Any = None) -> GenerationConfig:
+    """The GenerationConfig a call runs with, built as transformers builds it: the model's own
+    (`model.generation_config`, else the defaults), then what `given` sets (a GenerationConfig: its
+    fields that differ from the defaults; transformers' GenerationConfig or a dict: the settings bigmodel
+    takes, a ValueError naming any it would not apply), then the keywords."""
+    base = getattr(model, "generation_config", None) or GenerationConfig()
+    if given is not None:
+        if isinstance(given, GenerationConfig):
+            sets = {f.name: getattr(given, f.name) for f in fields(given) if getattr(given, f.name) != f.default}
+        else:
+            sets, ignored = generation_settings(given.to_dict() if hasattr(given, "to_dict") else dict(given))
+            if ignored:
+                raise ValueError(f"generation_config sets {', '.join(ignored)}: not applied by bigmodel's generate")
+        base = dataclasses.replace(base, **sets)
+    return _split_kwargs(kwargs, base)
 
 
 def _split_kwargs(kwargs: dict[str, Any], base: GenerationConfig | None = None) -> GenerationConfig:
@@ -117,10 +134,17 @@ def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig, *, logpr
         raise ValueError("every prompt needs at least one token (start an empty text with the end-of-text token)")
     rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
     L = max(len(p) for p in rows)
-    new = cfg.max_new_tokens if cfg.max_new_tokens is not None else (cfg.max_length or 20) - L
-    if new < 1:
-        raise ValueError(f"nothing to generate: max_length={cfg.max_length} but the prompt has {L} tokens")
     block = model.config.block_size
+    if cfg.max_new_tokens is not None:
+        new = cfg.max_new_tokens
+    elif cfg.max_length is not None:  # counts the prompt
+        new = cfg.max_length - L
+    else:  # neither: 20 new tokens within the context window, as transformers 5 (4 counted the prompt in 20)
+        new = min(20, block - L)
+    if new < 1:
+        raise ValueError(
+            f"nothing to generate: the prompt has {L} tokens, max_length={cfg.max_length}, context window {block}"
+        )
     if L + new > block:
         raise ValueError(
             f"prompt ({L} tokens) + max_new_tokens ({new}) exceeds the context window of {block} tokens; "
@@ -284,22 +308,20 @@ def generate(
     in transformers they override `generation_config`, by default the model's own (`model.generation_config`:
     what from_pretrained read from generation_config.json, such as the end-of-text id to stop at).
     `attention_mask` (B, T) marks the real tokens of padded rows (either side); the prompts come back
-    left-padded with the id it left out, unless pad_token_id is given. Rows that stop (an eos token, or a
-    stop string, which needs `tokenizer`) are padded until all have. With output_logprobs=True returns
-    (ids, logprobs (N, new)).
+    left-padded with the id the input was padded with. Rows that stop (an eos token, or a stop string,
+    which needs `tokenizer`) are padded with pad_token_id, else the first eos id, as transformers pads
+    them. With output_logprobs=True returns (ids, logprobs (N, new)).
     """
-    cfg = _split_kwargs(kwargs, generation_config or getattr(model, "generation_config", None))
-    prompts, pad_id = _prompts_from(input_ids, attention_mask)
-    if cfg.pad_token_id is None and pad_id is not None:  # pad as the input was padded (the tokenizer's pad id)
-        cfg.pad_token_id = pad_id
+    cfg = config_for(model, kwargs, generation_config)
+    prompts, input_pad = _prompts_from(input_ids, attention_mask)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=... to see text")
     rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
     results = _complete(model, prompts, cfg, tokenizer if stop_strings else None, stop_strings, output_logprobs)
-    pad = cfg.pad_id
     width, L = max(len(r.token_ids) for r in results), max(len(p) for p in rows)
-    out = torch.full((len(rows), L + width), pad, dtype=torch.long)
+    out = torch.full((len(rows), L + width), cfg.pad_id, dtype=torch.long)
     for i, (p, r) in enumerate(zip(rows, results, strict=True)):
+        out[i, : L - len(p)] = cfg.pad_id if input_pad is None else input_pad  # the prompt's padding, as given
         out[i, L - len(p) : L] = torch.tensor(p)
         out[i, L : L + len(r.token_ids)] = torch.tensor(r.token_ids, dtype=torch.long)
     out = out.to(_device(model))
@@ -435,12 +457,19 @@ def stream_text(
     Parameters are checked at once (ValueError), not when the first chunk is asked for. `stats`, when
     given, receives the number of generated tokens under "tokens".
     """
-    kwargs.setdefault("eos_token_id", tokenizer.eot_id)
-    cfg = _split_kwargs(kwargs)
+    cfg = _text_config(model, tokenizer, kwargs)
     if cfg.num_return_sequences != 1:
         raise ValueError("stream_text streams one sequence; use generate_text for num_return_sequences > 1")
     steps = decode(model, [_encode_prompt(tokenizer, prompt)], cfg, logprobs=False)
     return _stream_chunks(steps, TextStream(tokenizer, stop_strings), stats if stats is not None else {})
+
+
+def _text_config(model: GPT, tokenizer: Tokenizer, kwargs: dict[str, Any]) -> GenerationConfig:
+    """config_for, stopping at the tokenizer's end-of-text id unless the keywords or the model say otherwise."""
+    cfg = config_for(model, kwargs)
+    if cfg.eos_token_id is None and "eos_token_id" not in kwargs:
+        cfg.eos_token_id = tokenizer.eot_id
+    return cfg
 
 
 def _stream_chunks(steps: Iterator[Step], stream: TextStream, stats: dict[str, int]) -> Iterator[str]:
@@ -463,8 +492,7 @@ def generate_text(
     model: GPT, tokenizer: Tokenizer, prompts: str | list[str], *, stop_strings: list[str] | None = None, **kwargs: Any
 ) -> list[Completion]:
     """Continuations of each prompt (num_return_sequences each, in prompt order), stop strings removed."""
-    kwargs.setdefault("eos_token_id", tokenizer.eot_id)
-    cfg = _split_kwargs(kwargs)
+    cfg = _text_config(model, tokenizer, kwargs)
     prompts = [prompts] if isinstance(prompts, str) else prompts
     results = _complete(model, [_encode_prompt(tokenizer, p) for p in prompts], cfg, tokenizer, stop_strings)
     stops = set(cfg.stop_ids)
@@ -577,6 +605,7 @@ def run_generate(args: Any) -> int:
         top_p=args.top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
+        num_return_sequences=args.num_samples,
         seed=args.seed,
     )
     t0 = time.perf_counter()
@@ -591,9 +620,7 @@ def run_generate(args: Any) -> int:
         sys.stdout.write("\n")
         produced = stats["tokens"]
     else:
-        results = generate_text(
-            model, tok, args.prompt, stop_strings=args.stop, num_return_sequences=args.num_samples, **params
-        )
+        results = generate_text(model, tok, args.prompt, stop_strings=args.stop, **params)
         for i, r in enumerate(results):
             if i:
                 sys.stdout.write("\n" + "-" * 40 + "\n")

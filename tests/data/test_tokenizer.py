@@ -194,6 +194,15 @@ def test_more_of_transformers_tokenizer_names_give_what_they_give(bpe: Tokenizer
     assert ours.convert_ids_to_tokens(ours.encode(text)) == tokens
     assert ours.convert_ids_to_tokens(torch.tensor(ours.encode(text))[3]) == tokens[3]
     assert ours.get_vocab() == theirs.get_vocab()
+    assert ours.convert_tokens_to_ids("zzzqqq") == theirs.convert_tokens_to_ids("zzzqqq") == ours.eot_id  # unk
+    assert ours.convert_ids_to_tokens([5, 10**6]) == theirs.convert_ids_to_tokens([5, 10**6])  # None beyond
+    with_eot = [*ours.encode(text)[:3], ours.eot_id]
+    assert ours.convert_ids_to_tokens(with_eot, skip_special_tokens=True) == theirs.convert_ids_to_tokens(
+        with_eot, skip_special_tokens=True
+    )
+    assert ours.decode(5) == theirs.decode(5)
+    for kw in [dict(max_length=4), dict(truncation=True, max_length=4), dict(truncation=False, max_length=4)]:
+        assert ours.encode(text, **kw) == theirs.encode(text, **kw), kw
     assert (ours.eos_token, ours.bos_token, ours.bos_token_id) == (theirs.eos_token, theirs.bos_token, ours.eot_id)
     ids = ours.encode(text)
     for clean in (True, False):
@@ -213,6 +222,11 @@ def test_more_of_transformers_tokenizer_names_give_what_they_give(bpe: Tokenizer
     assert ours.pad_token_id == theirs.pad_token_id == ours.convert_tokens_to_ids(other)
     batch = ["a", "The king loves the crown."]
     assert dict(ours(batch, padding=True)) == dict(theirs(batch, padding=True))
+    ours.save_pretrained(tmp_path / "padded")  # the pad token is saved, and read back by both
+    assert Tokenizer.from_pretrained(tmp_path / "padded").pad_token_id == ours.pad_token_id
+    assert AutoTokenizer.from_pretrained(tmp_path / "padded").pad_token_id == ours.pad_token_id
+    theirs.save_pretrained(tmp_path / "theirs")  # and one transformers saved
+    assert Tokenizer.from_pretrained(tmp_path / "theirs").pad_token_id == theirs.pad_token_id
     ours.pad_token_id = ours.eot_id
     assert ours.pad_token == EOT
     with pytest.raises(ValueError, match="not in the vocabulary"):

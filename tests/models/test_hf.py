@@ -353,6 +353,44 @@ def test_a_batch_from_the_tokenizer_generates_what_transformers_generates(tmp_pa
     assert tok.batch_decode(got, skip_special_tokens=True) == their_tok.batch_decode(expected, skip_special_tokens=True)
 
 
+def test_padding_in_and_out_of_generate_is_transformers(tmp_path: Path) -> None:
+    """With no pad_token_id anywhere, a left-padded prompt comes back as it was given (its own padding id)
+    and a row that stops is padded with the eos id, as transformers' default call gives; the generation
+    config reaches the text API and ensembles of one member alike."""
+    from bigmodel.ensemble import LMEnsemble
+    from bigmodel.generation import generate_text
+
+    hf = _hf_model(tmp_path, seed=1)
+    ids = _ids(2, 6, seed=7)
+    mask = torch.ones_like(ids)
+    mask[1, :2], ids[1, :2] = 0, 7  # row 1 left-padded with id 7
+    free = GPT.from_pretrained(tmp_path).generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+    gen0 = free[0, 6:].tolist()
+    eos = gen0[next(i for i in range(2, len(gen0)) if gen0[i] not in gen0[:i])]  # row 0 emits it part-way
+    hf.generation_config.eos_token_id = eos
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path)
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=12)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=12)
+    assert got.tolist() == theirs.tolist()
+    assert got[1, :2].tolist() == [7, 7] and got[0, -1] == eos  # the prompt's padding; the stopped row's
+    one = LMEnsemble([ours]).generate(ids, attention_mask=mask, max_new_tokens=12)
+    assert one.tolist() == got.tolist()
+
+    class Ids:  # a tokenizer that spells ids, enough for the text API
+        eot_id = V - 1
+
+        def encode(self, text: str) -> list[int]:
+            return [int(t) for t in text.split()]
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+            return "".join(f" {i}" for i in ids)
+
+    row = generate_text(ours, Ids(), " ".join(map(str, ids[0].tolist())), max_new_tokens=12)[0]  # type: ignore[arg-type]
+    assert row.token_ids == got[0, 6:].tolist()[: len(row.token_ids)] and row.finish_reason == "stop"
+    assert eos not in row.token_ids and len(row.token_ids) < 12  # stopped at the model's eos, left out
+
+
 def test_greedy_generate_matches_transformers_loaded_model_with_eos(tmp_path: Path) -> None:
     hf = _hf_model(tmp_path, seed=1)
     ours = GPT.from_pretrained(tmp_path)
@@ -387,6 +425,7 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
     assert ours.generation_config.eos_token_id == eos
     theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=25)  # their defaults
     got = ours.generate(idx, max_new_tokens=25)  # ours
+    assert ours.generate(idx).tolist() == hf.generate(idx, attention_mask=torch.ones_like(idx)).tolist()  # length too
     assert got.tolist() == theirs.tolist() and (got[0, -1] == eos)
     assert got.shape[1] < free.shape[1] or (got[0] != free[0]).any()  # it did stop early
     assert ours.generate(idx, max_new_tokens=25, eos_token_id=None).tolist() == free.tolist()  # keywords win
@@ -403,10 +442,18 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
     assert (g.eos_token_id, g.do_sample, g.top_k, g.temperature) == (3, True, 0, 0.7)
     a = model.generate(idx, max_new_tokens=6, seed=1)
     assert torch.equal(a, model.generate(idx, max_new_tokens=6, seed=1, do_sample=True, top_k=0, temperature=0.7))
-    assert torch.equal(  # greedy when asked, by keyword or by a GenerationConfig of one's own
-        model.generate(idx, max_new_tokens=6, do_sample=False),
-        model.generate(idx, max_new_tokens=6, generation_config=GenerationConfig(eos_token_id=3)),
+    # generation_config= sets what it sets and keeps the model's other settings, as in transformers: ours
+    # (the fields that differ from the defaults), transformers' own (what it sets), or a dict
+    assert torch.equal(
+        model.generate(idx, max_new_tokens=6, seed=2, generation_config=GenerationConfig(top_k=5)),
+        model.generate(idx, max_new_tokens=6, seed=2, top_k=5),
     )
+    greedy = model.generate(idx, max_new_tokens=6, do_sample=False)
+    theirs_greedy = HFGenerationConfig(do_sample=False)
+    assert torch.equal(greedy, model.generate(idx, max_new_tokens=6, generation_config=theirs_greedy))
+    assert torch.equal(greedy, model.generate(idx, max_new_tokens=6, generation_config={"do_sample": False}))
+    with pytest.raises(ValueError, match="generation_config sets num_beams: not applied"):
+        model.generate(idx, generation_config={"num_beams": 4})
     (tmp_path / "generation_config.json").write_text(json.dumps({**raw, "num_beams": 4, "no_repeat_ngram_size": 2}))
     with pytest.warns(UserWarning, match="no_repeat_ngram_size, num_beams not applied by bigmodel's generate"):
         GPT.from_pretrained(tmp_path)
@@ -423,6 +470,13 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
     reloaded = GPT.from_pretrained(tmp_path / "saved").generation_config
     eot = Tokenizer.char().eot_id
     assert reloaded == GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, eos_token_id=eot)
+    model.generation_config = GenerationConfig(do_sample=True, top_k=None)  # top-k off: written as transformers' 0
+    model.save_pretrained(tmp_path / "saved")
+    assert HFGenerationConfig.from_pretrained(tmp_path / "saved").top_k == 0
+    assert GPT.from_pretrained(tmp_path / "saved").generation_config.top_k == 0
+    model.generation_config = GenerationConfig(num_return_sequences=2)  # greedy: transformers would refuse it
+    model.save_pretrained(tmp_path / "saved")
+    assert "num_return_sequences" not in json.loads((tmp_path / "saved" / "generation_config.json").read_text())
 
 
 def test_tokenizer_saved_with_the_model(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ vocabulary size, and `tokenize`, `convert_tokens_to_ids`, `convert_ids_to_tokens
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -101,8 +102,19 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         """Load a model directory's (or a data directory's) tokenizer: tokenizer.json, else GPT-2's
-        vocab.json + merges.txt."""
+        vocab.json + merges.txt; and the pad token its tokenizer_config.json (or special_tokens_map.json)
+        names, if any."""
         path = Path(path)
+        tok = cls._from_files(path)
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            pad = _pad_token_in(path / name) if path.is_dir() else None
+            if pad is not None:
+                tok.pad_token = pad
+                break
+        return tok
+
+    @classmethod
+    def _from_files(cls, path: Path) -> Tokenizer:
         if not path.is_dir() or (path / "tokenizer.json").is_file():
             return cls.from_file(path / "tokenizer.json" if path.is_dir() else path)
         vocab, merges = path / "vocab.json", path / "merges.txt"
@@ -121,19 +133,46 @@ class Tokenizer:
         return int(self.tok.get_vocab_size())
 
     @overload
-    def encode(self, text: str, *, return_tensors: None = None, add_special_tokens: bool = True) -> list[int]: ...
+    def encode(
+        self,
+        text: str,
+        *,
+        return_tensors: None = None,
+        add_special_tokens: bool = True,
+        truncation: bool | None = None,
+        max_length: int | None = None,
+    ) -> list[int]: ...
 
     @overload
-    def encode(self, text: str, *, return_tensors: str, add_special_tokens: bool = True) -> torch.Tensor: ...
+    def encode(
+        self,
+        text: str,
+        *,
+        return_tensors: str,
+        add_special_tokens: bool = True,
+        truncation: bool | None = None,
+        max_length: int | None = None,
+    ) -> torch.Tensor: ...
 
     def encode(
-        self, text: str, *, return_tensors: str | None = None, add_special_tokens: bool = True
+        self,
+        text: str,
+        *,
+        return_tensors: str | None = None,
+        add_special_tokens: bool = True,
+        truncation: bool | None = None,
+        max_length: int | None = None,
     ) -> list[int] | torch.Tensor:
         """Text -> token ids; with transformers' return_tensors="pt", a (1, T) tensor for `generate`
-        (`model.generate(tok.encode(text, return_tensors="pt"))`). GPT-2 adds no special tokens either way."""
+        (`model.generate(tok.encode(text, return_tensors="pt"))`). truncation=True, or a max_length alone,
+        keeps the first max_length ids, as transformers does. GPT-2 adds no special tokens either way."""
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors={return_tensors!r}: bigmodel returns lists or torch tensors ('pt')")
         ids = list(self.tok.encode(text, add_special_tokens=False).ids)
+        if truncation or (truncation is None and max_length is not None):
+            if max_length is None or max_length < 1:
+                raise ValueError(f"truncation needs max_length >= 1, got {max_length}")
+            ids = ids[:max_length]
         return ids if return_tensors is None else torch.tensor([ids], dtype=torch.long)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -145,24 +184,28 @@ class Tokenizer:
         """Token ids (a list, or a 1-D tensor such as `model.generate(...)[0]`) -> text, byte for byte.
         clean_up_tokenization_spaces is taken and changes nothing, as in transformers 5 for byte-level BPE
         (its clean-up, meant for WordPiece, would remove spaces the text has)."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        return str(self.tok.decode(ids, skip_special_tokens=skip_special_tokens))
+        ids = ids.tolist() if hasattr(ids, "tolist") else [ids] if isinstance(ids, int) else list(ids)
+        return str(self.tok.decode([ids] if isinstance(ids, int) else ids, skip_special_tokens=skip_special_tokens))
 
     def tokenize(self, text: str) -> list[str]:
         """Text -> its tokens as strings (byte-level: a leading space reads as 'Ġ'), as transformers' tokenize."""
         return list(self.tok.encode(text, add_special_tokens=False).tokens)
 
-    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int | None] | None:
-        """A token string (or a list of them) -> its id (None for a string outside the vocabulary)."""
-        if isinstance(tokens, str):
-            return self.tok.token_to_id(tokens)
-        return [self.tok.token_to_id(t) for t in tokens]
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int]:
+        """A token string (or a list of them) -> its id; a string outside the vocabulary gives the unknown
+        token's id, the end-of-text id (GPT-2's unk_token), as in transformers."""
+        def one(token: str) -> int:
+            found = self.tok.token_to_id(token)
+            return self.eot_id if found is None else int(found)
 
-    def convert_ids_to_tokens(self, ids: Any) -> str | list[str]:
-        """An id (or ids: a list or tensor) -> its token string (or strings)."""
+        return one(tokens) if isinstance(tokens, str) else [one(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: Any, skip_special_tokens: bool = False) -> str | None | list[str | None]:
+        """An id (or ids: a list or tensor) -> its token string (None outside the vocabulary); with
+        skip_special_tokens the end-of-text tokens are left out of a list."""
         if isinstance(ids, int) or (isinstance(ids, torch.Tensor) and ids.dim() == 0):
-            return str(self.tok.id_to_token(int(ids)))
-        return [str(self.tok.id_to_token(int(i))) for i in ids]
+            return self.tok.id_to_token(int(ids))
+        return [self.tok.id_to_token(int(i)) for i in ids if not (skip_special_tokens and int(i) == self.eot_id)]
 
     def get_vocab(self) -> dict[str, int]:
         """Every token string and its id, special tokens included."""
@@ -292,19 +335,30 @@ class Tokenizer:
         self.save(path / "tokenizer.json")
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": EOT,
-            "eos_token": EOT,
-            "unk_token": EOT,
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": model_max_length or 1_000_000_000,
             "bigmodel_kind": self.kind,
         }
-        atomic.write_json(path / "tokenizer_config.json", config)
-        atomic.write_json(path / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
+        special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+        if self._pad_id != self.eot_id:  # a pad token set by `tok.pad_token = ...` (transformers reads it too)
+            special["pad_token"] = self.pad_token
+        atomic.write_json(path / "tokenizer_config.json", {**config, **special})
+        atomic.write_json(path / "special_tokens_map.json", special)
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+def _pad_token_in(file: Path) -> str | None:
+    """The pad token a transformers tokenizer file names (a string, or {"content": ...}), or None."""
+    if not file.is_file():
+        return None
+    try:
+        pad = json.loads(file.read_text(encoding="utf-8")).get("pad_token")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{file} is not a valid JSON object: {e}") from e
+    return pad.get("content") if isinstance(pad, dict) else pad
 
 
 def _bytes_to_unicode() -> dict[str, int]:

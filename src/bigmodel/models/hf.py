@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from bigmodel import atomic
-from bigmodel.config import GenerationConfig, GPTConfig
+from bigmodel.config import GenerationConfig, GPTConfig, generation_settings
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
 
@@ -109,23 +109,6 @@ def save_gpt(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -
         tokenizer.save_pretrained(path, model_max_length=model.config.block_size)
 
 
-# generation_config.json keys that change nothing bigmodel's generate does, or hold transformers' defaults
-_GENERATION_INERT = {"bos_token_id", "transformers_version", "_from_model_config", "use_cache"}
-_GENERATION_DEFAULTS = {
-    "num_beams": 1,
-    "min_length": 0,
-    "no_repeat_ngram_size": 0,
-    "early_stopping": False,
-    "length_penalty": 1.0,
-    "typical_p": 1.0,
-    "output_scores": False,
-    "output_attentions": False,
-    "output_hidden_states": False,
-    "return_dict_in_generate": False,
-}
-_NO_DEFAULT = object()
-
-
 def generation_config_to_hf(config: GenerationConfig, eot_id: int | None) -> dict[str, Any]:
     """generation_config.json: the end-of-text id as bos and eos (as GPT-2's own file has them), and every
     knob of `config` that differs from its default (so transformers' generate starts where ours does)."""
@@ -134,6 +117,10 @@ def generation_config_to_hf(config: GenerationConfig, eot_id: int | None) -> dic
         for f in fields(GenerationConfig)
         if f.name != "seed" and getattr(config, f.name) != f.default
     }
+    if "top_k" in changed and changed["top_k"] is None:
+        changed["top_k"] = 0  # off (null would read back as transformers' default, 50)
+    if not config.do_sample:  # transformers refuses a greedy config with several sequences
+        changed.pop("num_return_sequences", None)
     return {"bos_token_id": eot_id, "eos_token_id": eot_id, **changed}
 
 
@@ -147,16 +134,11 @@ def generation_config_from_hf(path: Path, cfg: dict[str, Any]) -> GenerationConf
         raw = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{file} is not valid JSON: {e}") from e
-    known = {f.name for f in fields(GenerationConfig)} - {"seed"}
-    ignored = sorted(
-        k
-        for k, v in raw.items()
-        if k not in known | _GENERATION_INERT and v is not None and v != _GENERATION_DEFAULTS.get(k, _NO_DEFAULT)
-    )
+    settings, ignored = generation_settings(raw)
     if ignored:
         warnings.warn(f"{file}: {', '.join(ignored)} not applied by bigmodel's generate", stacklevel=3)
     try:
-        config = GenerationConfig(**{k: v for k, v in raw.items() if k in known and v is not None})
+        config = GenerationConfig(**settings)
         config.validate()
     except (TypeError, ValueError) as e:
         raise UserError(f"{file}: {e}") from e
