@@ -552,6 +552,21 @@ def test_stream_text_concatenates_to_generate_text(
     assert "".join(stream_text(char_model, char_tok, TEXT_PROMPT, max_new_tokens=40)) == text
 
 
+def test_the_text_api_starts_from_the_models_generation_config(
+    char_model: GPT, char_tok: Tokenizer, greedy_text: tuple[list[int], str, str]
+) -> None:
+    """generate_text and stream_text take what the model's generation_config says unless told otherwise
+    (its eos, sampling, number of sequences), and stream_text streams one sequence whatever it says."""
+    ids, text, _ = greedy_text
+    model = copy.deepcopy(char_model)
+    model.generation_config = GenerationConfig(eos_token_id=ids[5], num_return_sequences=2)
+    results = generate_text(model, char_tok, TEXT_PROMPT, max_new_tokens=40)
+    assert len(results) == 2 and all(r.token_ids == ids[:5] and r.finish_reason == "stop" for r in results)
+    assert "".join(stream_text(model, char_tok, TEXT_PROMPT, max_new_tokens=40)) == char_tok.decode(ids[:5])
+    [free] = generate_text(model, char_tok, TEXT_PROMPT, max_new_tokens=40, eos_token_id=None, num_return_sequences=1)
+    assert free.text == text
+
+
 def test_stream_text_skips_log_probabilities(
     char_model: GPT, char_tok: Tokenizer, greedy_text: tuple[list[int], str, str], log_softmax_calls: list[int]
 ) -> None:

@@ -301,7 +301,19 @@ TASK_ARCHS: dict[str, tuple[str, ...]] = {
 class GenerationConfig:
     """The knobs of generation, named and defaulted as in transformers' GenerationConfig (top_k 50 when
     sampling; 0 or None turns it off). `GPT.generate` starts from the model's own (`model.generation_config`,
-    read from a directory's generation_config.json), and its keywords override them."""
+    read from a directory's generation_config.json), and its keywords override them. A config remembers
+    which settings were named when it was made (`given`), as transformers tells set from unset."""
+
+    def __new__(cls, *args: Any, **given: Any) -> GenerationConfig:
+        self = super().__new__(cls)
+        self.__dict__["_given"] = frozenset(given)  # (copies and pickles carry it in __dict__)
+        return self
+
+    @property
+    def given(self) -> dict[str, Any]:
+        """The settings named when this config was made: what `generate(generation_config=...)` lays over
+        the model's own config, defaults included (`GenerationConfig(do_sample=False)` asks for greedy)."""
+        return {name: getattr(self, name) for name in sorted(self.__dict__.get("_given", ()))}
 
     max_new_tokens: int | None = None  # wins over max_length
     max_length: int | None = None  # prompt + new tokens (transformers' default: 20)
@@ -369,7 +381,7 @@ def generation_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]
     """Split transformers' generation settings (generation_config.json, its GenerationConfig.to_dict(), a
     dict) into those GenerationConfig takes (None values, transformers' "unset", left out) and the names of
     those bigmodel does not apply (keys it lacks whose values are not transformers' defaults)."""
-    known = {f.name for f in fields(GenerationConfig)} - {"seed"}
+    known = {f.name for f in fields(GenerationConfig)}
     settings = {k: v for k, v in raw.items() if k in known and v is not None}
     ignored = sorted(
         k

@@ -46,19 +46,25 @@ _INSTEAD = {
 
 def config_for(model: Any, kwargs: dict[str, Any], given: Any = None) -> GenerationConfig:
     """The GenerationConfig a call runs with, built as transformers builds it: the model's own
-    (`model.generation_config`, else the defaults), then what `given` sets (a GenerationConfig: its
-    fields that differ from the defaults; transformers' GenerationConfig or a dict: the settings bigmodel
-    takes, a ValueError naming any it would not apply), then the keywords."""
-    base = getattr(model, "generation_config", None) or GenerationConfig()
+    (`model.generation_config`, else the defaults), then the settings `given` names (bigmodel's
+    GenerationConfig, transformers' or a dict), then the keywords."""
+    base = _own_config(getattr(model, "generation_config", None) or GenerationConfig(), "model.generation_config")
     if given is not None:
-        if isinstance(given, GenerationConfig):
-            sets = {f.name: getattr(given, f.name) for f in fields(given) if getattr(given, f.name) != f.default}
-        else:
-            sets, ignored = generation_settings(given.to_dict() if hasattr(given, "to_dict") else dict(given))
-            if ignored:
-                raise ValueError(f"generation_config sets {', '.join(ignored)}: not applied by bigmodel's generate")
+        sets = given.given if isinstance(given, GenerationConfig) else _own_config(given, "generation_config").given
         base = dataclasses.replace(base, **sets)
     return _split_kwargs(kwargs, base)
+
+
+def _own_config(config: Any, name: str) -> GenerationConfig:
+    """bigmodel's GenerationConfig for `config`: itself, or one holding the settings of transformers'
+    GenerationConfig or of a dict; a ValueError names settings bigmodel's generate would not apply."""
+    if isinstance(config, GenerationConfig):
+        return config
+    settings, ignored = generation_settings(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    if ignored:
+        hint = "; pass stop_strings= and tokenizer= to generate" if "stop_strings" in ignored else ""
+        raise ValueError(f"{name} sets {', '.join(ignored)}: not applied by bigmodel's generate{hint}")
+    return GenerationConfig(**settings)
 
 
 def _split_kwargs(kwargs: dict[str, Any], base: GenerationConfig | None = None) -> GenerationConfig:
@@ -316,9 +322,18 @@ def generate(
     prompts, input_pad = _prompts_from(input_ids, attention_mask)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=... to see text")
+    # lengths count the input's width, columns of padding every row shares included, as transformers counts
+    # them, and the result keeps that width: out[:, input_ids.shape[1]:] are the new tokens
+    L = max(len(p) for p in prompts) if _ragged(input_ids) else torch.as_tensor(input_ids).shape[-1]
+    if cfg.max_new_tokens is None:
+        block = model.config.block_size
+        cfg.max_new_tokens = cfg.max_length - L if cfg.max_length is not None else min(20, block - L)
+        if cfg.max_new_tokens < 1:
+            limit = f"max_length={cfg.max_length}" if cfg.max_length is not None else f"the context window ({block})"
+            raise ValueError(f"nothing to generate: the prompt's {L} tokens reach {limit}")
     rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
     results = _complete(model, prompts, cfg, tokenizer if stop_strings else None, stop_strings, output_logprobs)
-    width, L = max(len(r.token_ids) for r in results), max(len(p) for p in rows)
+    width = max(len(r.token_ids) for r in results)
     out = torch.full((len(rows), L + width), cfg.pad_id, dtype=torch.long)
     for i, (p, r) in enumerate(zip(rows, results, strict=True)):
         out[i, : L - len(p)] = cfg.pad_id if input_pad is None else input_pad  # the prompt's padding, as given
@@ -333,10 +348,15 @@ def generate(
     return out, lps
 
 
+def _ragged(input_ids: Any) -> bool:
+    """Whether input_ids is a list of id lists (of any lengths), not a tensor or one list of ids."""
+    return isinstance(input_ids, list) and bool(input_ids) and isinstance(input_ids[0], list)
+
+
 def _prompts_from(input_ids: Any, attention_mask: Any) -> tuple[list[list[int]], int | None]:
     """One list of real token ids per row of `input_ids` (a tensor or lists, ragged lists too), keeping the
     tokens `attention_mask` marks; and the id of the padding the mask left out (None without any)."""
-    ragged = isinstance(input_ids, list) and bool(input_ids) and isinstance(input_ids[0], list)
+    ragged = _ragged(input_ids)
     if ragged:
         rows = [list(map(int, p)) for p in input_ids]
     else:
@@ -457,7 +477,7 @@ def stream_text(
     Parameters are checked at once (ValueError), not when the first chunk is asked for. `stats`, when
     given, receives the number of generated tokens under "tokens".
     """
-    cfg = _text_config(model, tokenizer, kwargs)
+    cfg = _text_config(model, tokenizer, {"num_return_sequences": 1, **kwargs})  # (whatever the model's says)
     if cfg.num_return_sequences != 1:
         raise ValueError("stream_text streams one sequence; use generate_text for num_return_sequences > 1")
     steps = decode(model, [_encode_prompt(tokenizer, prompt)], cfg, logprobs=False)

@@ -181,9 +181,11 @@ def test_more_of_transformers_tokenizer_names_give_what_they_give(bpe: Tokenizer
     import torch
     from transformers import AutoTokenizer
 
-    bpe.save_pretrained(tmp_path)
+    bpe.save_pretrained(tmp_path, model_max_length=6)
     theirs = AutoTokenizer.from_pretrained(tmp_path)
     ours = Tokenizer.from_pretrained(tmp_path)
+    assert ours.model_max_length == theirs.model_max_length == 6
+    assert ours.pad_token_id == theirs.pad_token_id == ours.eot_id  # saved as end-of-text: both pad with it
     text = "The king ' s crown , they say , isn ' t his . Is it ? No !"
     assert torch.equal(ours.encode(text, return_tensors="pt"), theirs.encode(text, return_tensors="pt"))
     assert ours.encode(text, return_tensors="pt").shape == (1, len(ours.encode(text)))
@@ -201,7 +203,14 @@ def test_more_of_transformers_tokenizer_names_give_what_they_give(bpe: Tokenizer
         with_eot, skip_special_tokens=True
     )
     assert ours.decode(5) == theirs.decode(5)
-    for kw in [dict(max_length=4), dict(truncation=True, max_length=4), dict(truncation=False, max_length=4)]:
+    for kw in [
+        dict(max_length=4),
+        dict(truncation=True, max_length=4),
+        dict(truncation=False, max_length=4),
+        dict(truncation="do_not_truncate", max_length=4),
+        dict(truncation="longest_first", max_length=4),
+        dict(truncation=True),  # to model_max_length, from tokenizer_config.json
+    ]:
         assert ours.encode(text, **kw) == theirs.encode(text, **kw), kw
     assert (ours.eos_token, ours.bos_token, ours.bos_token_id) == (theirs.eos_token, theirs.bos_token, ours.eot_id)
     ids = ours.encode(text)
@@ -227,6 +236,9 @@ def test_more_of_transformers_tokenizer_names_give_what_they_give(bpe: Tokenizer
     assert AutoTokenizer.from_pretrained(tmp_path / "padded").pad_token_id == ours.pad_token_id
     theirs.save_pretrained(tmp_path / "theirs")  # and one transformers saved
     assert Tokenizer.from_pretrained(tmp_path / "theirs").pad_token_id == theirs.pad_token_id
+    (tmp_path / "theirs" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    with pytest.warns(UserWarning, match="pad token '<pad>' is not in the vocabulary; padding with"):
+        assert Tokenizer.from_pretrained(tmp_path / "theirs").pad_token_id == ours.eot_id
     ours.pad_token_id = ours.eot_id
     assert ours.pad_token == EOT
     with pytest.raises(ValueError, match="not in the vocabulary"):

@@ -390,6 +390,11 @@ def test_padding_in_and_out_of_generate_is_transformers(tmp_path: Path) -> None:
     assert row.token_ids == got[0, 6:].tolist()[: len(row.token_ids)] and row.finish_reason == "stop"
     assert eos not in row.token_ids and len(row.token_ids) < 12  # stopped at the model's eos, left out
 
+    mask[0, :1], ids[0, :1] = 0, 7  # every row padded: the shared column stays, and counts in the lengths
+    for kw in [{}, {"max_length": 15}, {"max_new_tokens": 12}]:
+        theirs = hf.generate(ids, attention_mask=mask, **kw)
+        assert ours.generate(ids, attention_mask=mask, **kw).tolist() == theirs.tolist(), kw
+
 
 def test_greedy_generate_matches_transformers_loaded_model_with_eos(tmp_path: Path) -> None:
     hf = _hf_model(tmp_path, seed=1)
@@ -442,18 +447,23 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
     assert (g.eos_token_id, g.do_sample, g.top_k, g.temperature) == (3, True, 0, 0.7)
     a = model.generate(idx, max_new_tokens=6, seed=1)
     assert torch.equal(a, model.generate(idx, max_new_tokens=6, seed=1, do_sample=True, top_k=0, temperature=0.7))
-    # generation_config= sets what it sets and keeps the model's other settings, as in transformers: ours
-    # (the fields that differ from the defaults), transformers' own (what it sets), or a dict
+    # generation_config= sets what it names and keeps the model's other settings, as in transformers:
+    # bigmodel's GenerationConfig, transformers' own, or a dict
     assert torch.equal(
         model.generate(idx, max_new_tokens=6, seed=2, generation_config=GenerationConfig(top_k=5)),
         model.generate(idx, max_new_tokens=6, seed=2, top_k=5),
     )
     greedy = model.generate(idx, max_new_tokens=6, do_sample=False)
-    theirs_greedy = HFGenerationConfig(do_sample=False)
-    assert torch.equal(greedy, model.generate(idx, max_new_tokens=6, generation_config=theirs_greedy))
-    assert torch.equal(greedy, model.generate(idx, max_new_tokens=6, generation_config={"do_sample": False}))
+    for given in [GenerationConfig(do_sample=False), HFGenerationConfig(do_sample=False), {"do_sample": False}]:
+        assert torch.equal(greedy, model.generate(idx, max_new_tokens=6, generation_config=given)), given
+    seeded = model.generate(idx, max_new_tokens=6, generation_config={"seed": 4})
+    assert torch.equal(seeded, model.generate(idx, max_new_tokens=6, seed=4))
     with pytest.raises(ValueError, match="generation_config sets num_beams: not applied"):
         model.generate(idx, generation_config={"num_beams": 4})
+    with pytest.raises(ValueError, match="pass stop_strings= and tokenizer= to generate"):
+        model.generate(idx, generation_config={"stop_strings": ["."]})
+    model.generation_config = HFGenerationConfig(do_sample=False, eos_token_id=3)  # transformers' own, assigned
+    assert torch.equal(greedy, model.generate(idx, max_new_tokens=6))
     (tmp_path / "generation_config.json").write_text(json.dumps({**raw, "num_beams": 4, "no_repeat_ngram_size": 2}))
     with pytest.warns(UserWarning, match="no_repeat_ngram_size, num_beams not applied by bigmodel's generate"):
         GPT.from_pretrained(tmp_path)

@@ -14,6 +14,7 @@ vocabulary size, and `tokenize`, `convert_tokens_to_ids`, `convert_ids_to_tokens
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -62,6 +63,7 @@ class Tokenizer:
         self.kind = kind
         self.eot_id: int = eot
         self._pad_id = eot  # transformers' `tok.pad_token = ...` may name another token of the vocabulary
+        self.model_max_length: int | None = None  # tokenizer_config.json's, read by from_pretrained
 
     # ----- construction -------------------------------------------------------------------------------
     @classmethod
@@ -106,11 +108,19 @@ class Tokenizer:
         names, if any."""
         path = Path(path)
         tok = cls._from_files(path)
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            pad = _pad_token_in(path / name) if path.is_dir() else None
-            if pad is not None:
+        if not path.is_dir():
+            return tok
+        config, special = _json_object(path / "tokenizer_config.json"), _json_object(path / "special_tokens_map.json")
+        limit = config.get("model_max_length")
+        if isinstance(limit, int) and 0 < limit < 10**12:  # transformers writes ~1e30 for "no limit"
+            tok.model_max_length = limit
+        pad = config.get("pad_token") or special.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if isinstance(pad, str):
+            try:
                 tok.pad_token = pad
-                break
+            except ValueError:  # a token transformers added to the vocabulary, which bigmodel does not
+                warnings.warn(f"{path}: pad token {pad!r} is not in the vocabulary; padding with {EOT}", stacklevel=2)
         return tok
 
     @classmethod
@@ -139,7 +149,7 @@ class Tokenizer:
         *,
         return_tensors: None = None,
         add_special_tokens: bool = True,
-        truncation: bool | None = None,
+        truncation: bool | str | None = None,
         max_length: int | None = None,
     ) -> list[int]: ...
 
@@ -150,7 +160,7 @@ class Tokenizer:
         *,
         return_tensors: str,
         add_special_tokens: bool = True,
-        truncation: bool | None = None,
+        truncation: bool | str | None = None,
         max_length: int | None = None,
     ) -> torch.Tensor: ...
 
@@ -160,19 +170,15 @@ class Tokenizer:
         *,
         return_tensors: str | None = None,
         add_special_tokens: bool = True,
-        truncation: bool | None = None,
+        truncation: bool | str | None = None,
         max_length: int | None = None,
     ) -> list[int] | torch.Tensor:
         """Text -> token ids; with transformers' return_tensors="pt", a (1, T) tensor for `generate`
-        (`model.generate(tok.encode(text, return_tensors="pt"))`). truncation=True, or a max_length alone,
-        keeps the first max_length ids, as transformers does. GPT-2 adds no special tokens either way."""
+        (`model.generate(tok.encode(text, return_tensors="pt"))`). truncation and max_length as in the call
+        (`__call__`). GPT-2 adds no special tokens either way."""
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors={return_tensors!r}: bigmodel returns lists or torch tensors ('pt')")
-        ids = list(self.tok.encode(text, add_special_tokens=False).ids)
-        if truncation or (truncation is None and max_length is not None):
-            if max_length is None or max_length < 1:
-                raise ValueError(f"truncation needs max_length >= 1, got {max_length}")
-            ids = ids[:max_length]
+        ids = self(text, truncation=truncation, max_length=max_length)["input_ids"]  # (one text: a list)
         return ids if return_tensors is None else torch.tensor([ids], dtype=torch.long)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -277,7 +283,8 @@ class Tokenizer:
         each row as if it were alone, whichever the side (left is what generation wants; transformers pads
         GPT-2 on the right by default); padding="max_length" pads to `max_length`. truncation=True keeps the
         first `max_length` tokens of each row, and so does a `max_length` given without padding or
-        truncation (as transformers does). Rows of different lengths need padding for tensors. There are no
+        truncation (as transformers does); without max_length they use `model_max_length`, the context window
+        tokenizer_config.json names. Rows of different lengths need padding for tensors. There are no
         special tokens to add (`add_special_tokens` is handed to the underlying tokenizer)."""
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors={return_tensors!r}: bigmodel returns lists or torch tensors ('pt')")
@@ -288,6 +295,8 @@ class Tokenizer:
         if truncation is None:  # transformers truncates to a max_length given with neither
             truncation = max_length is not None and padding in (False, "do_not_pad")
         truncate = truncation not in (False, "do_not_truncate")
+        if (truncate or padding == "max_length") and max_length is None:  # transformers' fallback
+            max_length = self.model_max_length
         if (truncate or padding == "max_length") and (max_length is None or max_length < 1):
             raise ValueError(f"truncation=True or padding='max_length' needs max_length >= 1, got {max_length}")
         texts = [text] if isinstance(text, str) else list(text)
@@ -340,9 +349,7 @@ class Tokenizer:
             "model_max_length": model_max_length or 1_000_000_000,
             "bigmodel_kind": self.kind,
         }
-        special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
-        if self._pad_id != self.eot_id:  # a pad token set by `tok.pad_token = ...` (transformers reads it too)
-            special["pad_token"] = self.pad_token
+        special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": self.pad_token}
         atomic.write_json(path / "tokenizer_config.json", {**config, **special})
         atomic.write_json(path / "special_tokens_map.json", special)
 
@@ -350,15 +357,17 @@ class Tokenizer:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
 
-def _pad_token_in(file: Path) -> str | None:
-    """The pad token a transformers tokenizer file names (a string, or {"content": ...}), or None."""
+def _json_object(file: Path) -> dict[str, Any]:
+    """A transformers tokenizer file's JSON object ({} when the file is missing)."""
     if not file.is_file():
-        return None
+        return {}
     try:
-        pad = json.loads(file.read_text(encoding="utf-8")).get("pad_token")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise UserError(f"{file} is not a valid JSON object: {e}") from e
-    return pad.get("content") if isinstance(pad, dict) else pad
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{file} holds {type(data).__name__}, not a JSON object")
+    return data
 
 
 def _bytes_to_unicode() -> dict[str, int]:
