@@ -301,19 +301,8 @@ TASK_ARCHS: dict[str, tuple[str, ...]] = {
 class GenerationConfig:
     """The knobs of generation, named and defaulted as in transformers' GenerationConfig (top_k 50 when
     sampling; 0 or None turns it off). `GPT.generate` starts from the model's own (`model.generation_config`,
-    read from a directory's generation_config.json), and its keywords override them. A config remembers
-    which settings were named when it was made (`given`), as transformers tells set from unset."""
-
-    def __new__(cls, *args: Any, **given: Any) -> GenerationConfig:
-        self = super().__new__(cls)
-        self.__dict__["_given"] = frozenset(given)  # (copies and pickles carry it in __dict__)
-        return self
-
-    @property
-    def given(self) -> dict[str, Any]:
-        """The settings named when this config was made: what `generate(generation_config=...)` lays over
-        the model's own config, defaults included (`GenerationConfig(do_sample=False)` asks for greedy)."""
-        return {name: getattr(self, name) for name in sorted(self.__dict__.get("_given", ()))}
+    read from a directory's generation_config.json), and its keywords override them. The settings a config
+    sets are those that differ from these defaults (`set_fields`)."""
 
     max_new_tokens: int | None = None  # wins over max_length
     max_length: int | None = None  # prompt + new tokens (transformers' default: 20)
@@ -348,6 +337,11 @@ class GenerationConfig:
             check(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
             check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]")
 
+    def set_fields(self) -> dict[str, Any]:
+        """The settings that differ from the defaults: what `generate(generation_config=...)` lays over the
+        model's own config. (A default value cannot be laid over another this way: pass it as a keyword.)"""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
     @property
     def stop_ids(self) -> list[int]:
         if self.eos_token_id is None:
@@ -377,11 +371,12 @@ _GENERATION_DEFAULTS = {
 _NO_DEFAULT = object()
 
 
-def generation_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def generation_settings(raw: dict[str, Any], *, seed: bool = True) -> tuple[dict[str, Any], list[str]]:
     """Split transformers' generation settings (generation_config.json, its GenerationConfig.to_dict(), a
     dict) into those GenerationConfig takes (None values, transformers' "unset", left out) and the names of
-    those bigmodel does not apply (keys it lacks whose values are not transformers' defaults)."""
-    known = {f.name for f in fields(GenerationConfig)}
+    those bigmodel does not apply (keys it lacks whose values are not transformers' defaults). With
+    seed=False a seed is among the latter (transformers stores one in a file but does not apply it)."""
+    known = {f.name for f in fields(GenerationConfig)} - (set() if seed else {"seed"})
     settings = {k: v for k, v in raw.items() if k in known and v is not None}
     ignored = sorted(
         k
@@ -389,6 +384,25 @@ def generation_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]
         if k not in known | _GENERATION_INERT and v is not None and v != _GENERATION_DEFAULTS.get(k, _NO_DEFAULT)
     )
     return settings, ignored
+
+
+def settings_of(config: Any, name: str = "generation_config") -> dict[str, Any]:
+    """What a generation config sets: for bigmodel's GenerationConfig the fields that differ from its
+    defaults, for transformers' GenerationConfig or a dict the settings bigmodel takes that are not None
+    (a ValueError names those bigmodel's generate would not apply)."""
+    if isinstance(config, GenerationConfig):
+        return config.set_fields()
+    settings, ignored = generation_settings(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    if ignored:
+        hint = "; pass stop_strings= and tokenizer= to generate" if "stop_strings" in ignored else ""
+        raise ValueError(f"{name} sets {', '.join(ignored)}: not applied by bigmodel's generate{hint}")
+    return settings
+
+
+def as_generation_config(config: Any, name: str = "generation_config") -> GenerationConfig:
+    """bigmodel's GenerationConfig for `config`: itself, or one holding what transformers' GenerationConfig
+    or a dict sets (see settings_of)."""
+    return config if isinstance(config, GenerationConfig) else GenerationConfig(**settings_of(config, name))
 
 
 

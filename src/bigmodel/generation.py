@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bigmodel import hardware
-from bigmodel.config import GenerationConfig, generation_settings
+from bigmodel.config import GenerationConfig, as_generation_config, settings_of
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT, MLP, Block
 from bigmodel.nn.attention import CausalSelfAttention, prompt_mask
@@ -46,25 +46,13 @@ _INSTEAD = {
 
 def config_for(model: Any, kwargs: dict[str, Any], given: Any = None) -> GenerationConfig:
     """The GenerationConfig a call runs with, built as transformers builds it: the model's own
-    (`model.generation_config`, else the defaults), then the settings `given` names (bigmodel's
-    GenerationConfig, transformers' or a dict), then the keywords."""
-    base = _own_config(getattr(model, "generation_config", None) or GenerationConfig(), "model.generation_config")
+    (`model.generation_config`, else the defaults), then the settings `given` sets (bigmodel's
+    GenerationConfig: those that differ from the defaults; transformers' or a dict: those not None), then
+    the keywords."""
+    base = as_generation_config(getattr(model, "generation_config", None) or {}, "model.generation_config")
     if given is not None:
-        sets = given.given if isinstance(given, GenerationConfig) else _own_config(given, "generation_config").given
-        base = dataclasses.replace(base, **sets)
+        base = dataclasses.replace(base, **settings_of(given))
     return _split_kwargs(kwargs, base)
-
-
-def _own_config(config: Any, name: str) -> GenerationConfig:
-    """bigmodel's GenerationConfig for `config`: itself, or one holding the settings of transformers'
-    GenerationConfig or of a dict; a ValueError names settings bigmodel's generate would not apply."""
-    if isinstance(config, GenerationConfig):
-        return config
-    settings, ignored = generation_settings(config.to_dict() if hasattr(config, "to_dict") else dict(config))
-    if ignored:
-        hint = "; pass stop_strings= and tokenizer= to generate" if "stop_strings" in ignored else ""
-        raise ValueError(f"{name} sets {', '.join(ignored)}: not applied by bigmodel's generate{hint}")
-    return GenerationConfig(**settings)
 
 
 def _split_kwargs(kwargs: dict[str, Any], base: GenerationConfig | None = None) -> GenerationConfig:
@@ -324,7 +312,7 @@ def generate(
         raise ValueError("stop_strings needs tokenizer=... to see text")
     # lengths count the input's width, columns of padding every row shares included, as transformers counts
     # them, and the result keeps that width: out[:, input_ids.shape[1]:] are the new tokens
-    L = max(len(p) for p in prompts) if _ragged(input_ids) else torch.as_tensor(input_ids).shape[-1]
+    L = max(map(len, input_ids)) if _ragged(input_ids) else torch.as_tensor(input_ids).shape[-1]
     if cfg.max_new_tokens is None:
         block = model.config.block_size
         cfg.max_new_tokens = cfg.max_length - L if cfg.max_length is not None else min(20, block - L)

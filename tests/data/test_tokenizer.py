@@ -249,6 +249,35 @@ def test_more_of_transformers_tokenizer_names_give_what_they_give(bpe: Tokenizer
         ours.encode(text, return_tensors="np")
 
 
+def test_special_tokens_and_lengths_a_directory_names(tmp_path: Path) -> None:
+    """encode adds a post-processor's special tokens only when asked (bigmodel's data has none; transformers
+    adds them by default); model_max_length: a real limit is kept through save_pretrained, "none" stays
+    none (padding="max_length" then needs max_length)."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer.char()
+    tok.tok.post_processor = processors.TemplateProcessing(single=f"{EOT} $A", special_tokens=[(EOT, tok.eot_id)])
+    tok.save_pretrained(tmp_path / "template")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "template")
+    ours = Tokenizer.from_pretrained(tmp_path / "template")
+    assert ours.encode("ab") == theirs.encode("ab", add_special_tokens=False) == [97, 98]
+    assert ours.encode("ab", add_special_tokens=True) == theirs.encode("ab") == [tok.eot_id, 97, 98]
+
+    assert ours.model_max_length is None  # saved without a limit: none, for transformers too
+    assert theirs.model_max_length > 10**20
+    with pytest.raises(ValueError, match="needs max_length"):
+        ours(["ab"], padding="max_length")
+    tok.save_pretrained(tmp_path / "limited", model_max_length=64)
+    again = Tokenizer.from_pretrained(tmp_path / "limited")
+    again.save_pretrained(tmp_path / "again")  # re-saved without saying: the limit stays
+    assert Tokenizer.from_pretrained(tmp_path / "again").model_max_length == 64
+    assert AutoTokenizer.from_pretrained(tmp_path / "again").model_max_length == 64
+    config = json.loads((tmp_path / "limited" / "tokenizer_config.json").read_text())
+    (tmp_path / "limited" / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 10**9}))
+    assert Tokenizer.from_pretrained(tmp_path / "limited").model_max_length is None  # older bigmodel's "none"
+
+
 def test_from_file_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         Tokenizer.from_file(tmp_path / "nope.json")

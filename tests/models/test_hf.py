@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -394,6 +395,8 @@ def test_padding_in_and_out_of_generate_is_transformers(tmp_path: Path) -> None:
     for kw in [{}, {"max_length": 15}, {"max_new_tokens": 12}]:
         theirs = hf.generate(ids, attention_mask=mask, **kw)
         assert ours.generate(ids, attention_mask=mask, **kw).tolist() == theirs.tolist(), kw
+        as_lists = ours.generate(ids.tolist(), attention_mask=mask.tolist(), **kw)  # lists as tok(texts) gives
+        assert as_lists.tolist() == theirs.tolist(), kw
 
 
 def test_greedy_generate_matches_transformers_loaded_model_with_eos(tmp_path: Path) -> None:
@@ -447,14 +450,15 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
     assert (g.eos_token_id, g.do_sample, g.top_k, g.temperature) == (3, True, 0, 0.7)
     a = model.generate(idx, max_new_tokens=6, seed=1)
     assert torch.equal(a, model.generate(idx, max_new_tokens=6, seed=1, do_sample=True, top_k=0, temperature=0.7))
-    # generation_config= sets what it names and keeps the model's other settings, as in transformers:
-    # bigmodel's GenerationConfig, transformers' own, or a dict
-    assert torch.equal(
-        model.generate(idx, max_new_tokens=6, seed=2, generation_config=GenerationConfig(top_k=5)),
-        model.generate(idx, max_new_tokens=6, seed=2, top_k=5),
-    )
+    # generation_config= lays what it sets over the model's other settings, as in transformers: bigmodel's
+    # GenerationConfig (what differs from its defaults, however it was made), transformers' own, or a dict
+    top5 = model.generate(idx, max_new_tokens=6, seed=2, top_k=5)
+    later = GenerationConfig()
+    later.top_k = 5
+    for given in [GenerationConfig(top_k=5), later, dataclasses.replace(GenerationConfig(), top_k=5)]:
+        assert torch.equal(top5, model.generate(idx, max_new_tokens=6, seed=2, generation_config=given))
     greedy = model.generate(idx, max_new_tokens=6, do_sample=False)
-    for given in [GenerationConfig(do_sample=False), HFGenerationConfig(do_sample=False), {"do_sample": False}]:
+    for given in [HFGenerationConfig(do_sample=False), {"do_sample": False}]:
         assert torch.equal(greedy, model.generate(idx, max_new_tokens=6, generation_config=given)), given
     seeded = model.generate(idx, max_new_tokens=6, generation_config={"seed": 4})
     assert torch.equal(seeded, model.generate(idx, max_new_tokens=6, seed=4))
@@ -464,6 +468,12 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
         model.generate(idx, generation_config={"stop_strings": ["."]})
     model.generation_config = HFGenerationConfig(do_sample=False, eos_token_id=3)  # transformers' own, assigned
     assert torch.equal(greedy, model.generate(idx, max_new_tokens=6))
+    model.generation_config = HFGenerationConfig(do_sample=True)  # ... and saved: what it leaves unset stays so
+    model.save_pretrained(tmp_path / "theirs_config")
+    assert GPT.from_pretrained(tmp_path / "theirs_config").generation_config.top_k == 50
+    (tmp_path / "generation_config.json").write_text(json.dumps({"seed": 3}))  # transformers keeps, never applies
+    with pytest.warns(UserWarning, match="seed not applied"):
+        assert GPT.from_pretrained(tmp_path).generation_config.seed is None
     (tmp_path / "generation_config.json").write_text(json.dumps({**raw, "num_beams": 4, "no_repeat_ngram_size": 2}))
     with pytest.warns(UserWarning, match="no_repeat_ngram_size, num_beams not applied by bigmodel's generate"):
         GPT.from_pretrained(tmp_path)

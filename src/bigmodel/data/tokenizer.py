@@ -27,6 +27,7 @@ from bigmodel import atomic
 from bigmodel.errors import UserError
 
 EOT = "<|endoftext|>"
+NO_LIMIT = 1_000_000_000  # a model_max_length this large means none
 
 
 class Encoding(dict[str, Any]):
@@ -112,7 +113,7 @@ class Tokenizer:
             return tok
         config, special = _json_object(path / "tokenizer_config.json"), _json_object(path / "special_tokens_map.json")
         limit = config.get("model_max_length")
-        if isinstance(limit, int) and 0 < limit < 10**12:  # transformers writes ~1e30 for "no limit"
+        if isinstance(limit, int) and 0 < limit < NO_LIMIT:  # (older bigmodel directories wrote 1e9 for none)
             tok.model_max_length = limit
         pad = config.get("pad_token") or special.get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
@@ -148,7 +149,7 @@ class Tokenizer:
         text: str,
         *,
         return_tensors: None = None,
-        add_special_tokens: bool = True,
+        add_special_tokens: bool = False,
         truncation: bool | str | None = None,
         max_length: int | None = None,
     ) -> list[int]: ...
@@ -159,7 +160,7 @@ class Tokenizer:
         text: str,
         *,
         return_tensors: str,
-        add_special_tokens: bool = True,
+        add_special_tokens: bool = False,
         truncation: bool | str | None = None,
         max_length: int | None = None,
     ) -> torch.Tensor: ...
@@ -169,16 +170,19 @@ class Tokenizer:
         text: str,
         *,
         return_tensors: str | None = None,
-        add_special_tokens: bool = True,
+        add_special_tokens: bool = False,
         truncation: bool | str | None = None,
         max_length: int | None = None,
     ) -> list[int] | torch.Tensor:
         """Text -> token ids; with transformers' return_tensors="pt", a (1, T) tensor for `generate`
         (`model.generate(tok.encode(text, return_tensors="pt"))`). truncation and max_length as in the call
-        (`__call__`). GPT-2 adds no special tokens either way."""
+        (`__call__`). Special tokens a tokenizer.json's post-processor adds come only with
+        add_special_tokens=True (transformers' default; bigmodel's data has none, and GPT-2 adds none)."""
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors={return_tensors!r}: bigmodel returns lists or torch tensors ('pt')")
-        ids = self(text, truncation=truncation, max_length=max_length)["input_ids"]  # (one text: a list)
+        ids = self(text, truncation=truncation, max_length=max_length, add_special_tokens=add_special_tokens)[
+            "input_ids"
+        ]  # (one text: a list)
         return ids if return_tensors is None else torch.tensor([ids], dtype=torch.long)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -346,7 +350,7 @@ class Tokenizer:
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
-            "model_max_length": model_max_length or 1_000_000_000,
+            "model_max_length": model_max_length or self.model_max_length or int(1e30),  # transformers' "none"
             "bigmodel_kind": self.kind,
         }
         special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": self.pad_token}

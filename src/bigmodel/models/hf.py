@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from bigmodel import atomic
-from bigmodel.config import GenerationConfig, GPTConfig, generation_settings
+from bigmodel.config import GenerationConfig, GPTConfig, as_generation_config, generation_settings
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
 
@@ -109,14 +108,12 @@ def save_gpt(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -
         tokenizer.save_pretrained(path, model_max_length=model.config.block_size)
 
 
-def generation_config_to_hf(config: GenerationConfig, eot_id: int | None) -> dict[str, Any]:
+def generation_config_to_hf(config: Any, eot_id: int | None) -> dict[str, Any]:
     """generation_config.json: the end-of-text id as bos and eos (as GPT-2's own file has them), and every
-    knob of `config` that differs from its default (so transformers' generate starts where ours does)."""
-    changed = {
-        f.name: getattr(config, f.name)
-        for f in fields(GenerationConfig)
-        if f.name != "seed" and getattr(config, f.name) != f.default
-    }
+    knob of `config` (ours, or transformers' own) that differs from its default (so transformers' generate
+    starts where ours does)."""
+    changed = as_generation_config(config, "model.generation_config").set_fields()
+    changed.pop("seed", None)
     if "top_k" in changed and changed["top_k"] is None:
         changed["top_k"] = 0  # off (null would read back as transformers' default, 50)
     if not config.do_sample:  # transformers refuses a greedy config with several sequences
@@ -134,7 +131,7 @@ def generation_config_from_hf(path: Path, cfg: dict[str, Any]) -> GenerationConf
         raw = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{file} is not valid JSON: {e}") from e
-    settings, ignored = generation_settings(raw)
+    settings, ignored = generation_settings(raw, seed=False)
     if ignored:
         warnings.warn(f"{file}: {', '.join(ignored)} not applied by bigmodel's generate", stacklevel=3)
     try:
