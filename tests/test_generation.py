@@ -187,17 +187,17 @@ def test_filter_logits() -> None:
 
 
 def test_sampling_keeps_the_50_most_likely_tokens_unless_told_as_transformers_does() -> None:
-    """transformers samples among the top 50 tokens when top_k is not given, and top_k=0 (or None) turns
-    that off; the examples users copy (`do_sample=True, top_k=0, top_p=0.92`) rely on both."""
+    """transformers samples among the top 50 tokens when top_k is not given (or None: unset), and top_k=0
+    turns that off; the examples users copy (`do_sample=True, top_k=0, top_p=0.92`) rely on both."""
     import transformers
 
     theirs = transformers.GenerationConfig()
     default = getattr(theirs, "_get_default_generation_params", lambda: {"top_k": theirs.top_k})()["top_k"]
-    assert GenerationConfig().top_k == default == 50
+    assert GenerationConfig().top_k is None and GenerationConfig().resolved().top_k == default == 50  # unset
     logits = torch.randn(3, 96, generator=torch.Generator().manual_seed(0))
     kept = lambda **kw: torch.isfinite(process_logits(logits, None, GenerationConfig(do_sample=True, **kw)))  # noqa: E731
     assert kept().sum(-1).tolist() == [50, 50, 50]
-    assert kept(top_k=0).all() and kept(top_k=None).all()
+    assert kept(top_k=0).all() and kept(top_k=None).sum(-1).tolist() == [50, 50, 50]  # None: unset
     assert kept(top_k=0, top_p=0.5).sum() < logits.numel()  # top-p alone
     assert torch.equal(process_logits(logits, None, GenerationConfig()), logits)  # greedy: untouched
 
@@ -228,6 +228,7 @@ def _transformers_processors(cfg: GenerationConfig) -> Any:
         TopPLogitsWarper,
     )
 
+    cfg = cfg.resolved()
     procs = LogitsProcessorList()
     if cfg.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))

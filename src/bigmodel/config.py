@@ -299,23 +299,56 @@ TASK_ARCHS: dict[str, tuple[str, ...]] = {
 
 @dataclass(kw_only=True)
 class GenerationConfig:
-    """The knobs of generation, named and defaulted as in transformers' GenerationConfig (top_k 50 when
-    sampling; 0 or None turns it off). `GPT.generate` starts from the model's own (`model.generation_config`,
-    read from a directory's generation_config.json), and its keywords override them. The settings a config
-    sets are those that differ from these defaults (`set_fields`)."""
+    """The knobs of generation, named as in transformers' GenerationConfig and, as there (transformers 5),
+    None until set: a config sets what is not None (`set_fields`), and `resolved()` fills in transformers'
+    defaults (see ResolvedGeneration: greedy; when sampling, temperature 1 and the top 50 tokens). `GPT.generate`
+    starts from the model's own (`model.generation_config`, read from a directory's generation_config.json),
+    lays a `generation_config=` over it, then the keywords."""
 
     max_new_tokens: int | None = None  # wins over max_length
-    max_length: int | None = None  # prompt + new tokens (transformers' default: 20)
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = 50  # transformers' default when sampling; 0 or None: off
+    max_length: int | None = None  # prompt + new tokens
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None  # 0: off
     top_p: float | None = None
     min_p: float | None = None
-    repetition_penalty: float = 1.0
-    num_return_sequences: int = 1
+    repetition_penalty: float | None = None
+    num_return_sequences: int | None = None
     eos_token_id: int | list[int] | None = None  # stop token ids
     pad_token_id: int | None = None
     seed: int | None = None
+
+    def set_fields(self) -> dict[str, Any]:
+        """The settings this config sets (those not None)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def resolved(self) -> ResolvedGeneration:
+        """This config with transformers' defaults for what it leaves unset; a ValueError for invalid values."""
+        config = ResolvedGeneration(**self.set_fields())
+        config.validate()
+        return config
+
+    @property
+    def stop_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        """The id that pads finished rows and shorter prompts: pad_token_id, else the first stop id, else 0."""
+        return self.pad_token_id if self.pad_token_id is not None else (self.stop_ids or [0])[0]
+
+
+@dataclass(kw_only=True)
+class ResolvedGeneration(GenerationConfig):
+    """A GenerationConfig with transformers' defaults in place of what was unset: what the engine runs."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50  # when sampling
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
 
     def validate(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -333,25 +366,12 @@ class GenerationConfig:
             check(
                 self.temperature > 0, f"temperature={self.temperature} must be > 0 when sampling (or do_sample=False)"
             )
-            check(self.top_k is None or self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)")
+            check(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)")
             check(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
             check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]")
 
-    def set_fields(self) -> dict[str, Any]:
-        """The settings that differ from the defaults: what `generate(generation_config=...)` lays over the
-        model's own config. (A default value cannot be laid over another this way: pass it as a keyword.)"""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
-
-    @property
-    def stop_ids(self) -> list[int]:
-        if self.eos_token_id is None:
-            return []
-        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
-
-    @property
-    def pad_id(self) -> int:
-        """The id that pads finished rows and shorter prompts: pad_token_id, else the first stop id, else 0."""
-        return self.pad_token_id if self.pad_token_id is not None else (self.stop_ids or [0])[0]
+    def resolved(self) -> ResolvedGeneration:
+        return self
 
 
 # transformers' generation settings that change nothing bigmodel's generate does, or that hold its defaults
@@ -364,46 +384,47 @@ _GENERATION_DEFAULTS = {
     "length_penalty": 1.0,
     "typical_p": 1.0,
     "output_scores": False,
+    "output_logits": False,
     "output_attentions": False,
     "output_hidden_states": False,
     "return_dict_in_generate": False,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
 }
 _NO_DEFAULT = object()
+GENERATION_FIELDS = frozenset(f.name for f in fields(GenerationConfig))
 
 
-def generation_settings(raw: dict[str, Any], *, seed: bool = True) -> tuple[dict[str, Any], list[str]]:
-    """Split transformers' generation settings (generation_config.json, its GenerationConfig.to_dict(), a
-    dict) into those GenerationConfig takes (None values, transformers' "unset", left out) and the names of
-    those bigmodel does not apply (keys it lacks whose values are not transformers' defaults). With
-    seed=False a seed is among the latter (transformers stores one in a file but does not apply it)."""
-    known = {f.name for f in fields(GenerationConfig)} - (set() if seed else {"seed"})
-    settings = {k: v for k, v in raw.items() if k in known and v is not None}
-    ignored = sorted(
+def not_applied(raw: dict[str, Any]) -> list[str]:
+    """The transformers generation settings in `raw` that bigmodel's generate does not apply: keys it lacks
+    whose values are neither None nor transformers' defaults."""
+    return sorted(
         k
         for k, v in raw.items()
-        if k not in known | _GENERATION_INERT and v is not None and v != _GENERATION_DEFAULTS.get(k, _NO_DEFAULT)
+        if k not in GENERATION_FIELDS | _GENERATION_INERT
+        and v is not None
+        and v != _GENERATION_DEFAULTS.get(k, _NO_DEFAULT)
     )
-    return settings, ignored
 
 
 def settings_of(config: Any, name: str = "generation_config") -> dict[str, Any]:
-    """What a generation config sets: for bigmodel's GenerationConfig the fields that differ from its
-    defaults, for transformers' GenerationConfig or a dict the settings bigmodel takes that are not None
-    (a ValueError names those bigmodel's generate would not apply)."""
+    """What a generation config sets: bigmodel's (`set_fields`), transformers' own (what differs from its
+    defaults, `to_diff_dict`) or a dict (what is not None); a ValueError names settings bigmodel's generate
+    would not apply."""
     if isinstance(config, GenerationConfig):
         return config.set_fields()
-    settings, ignored = generation_settings(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    raw = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(config)
+    ignored = not_applied(raw)
     if ignored:
         hint = "; pass stop_strings= and tokenizer= to generate" if "stop_strings" in ignored else ""
         raise ValueError(f"{name} sets {', '.join(ignored)}: not applied by bigmodel's generate{hint}")
-    return settings
+    return {k: v for k, v in raw.items() if k in GENERATION_FIELDS and v is not None}
 
 
 def as_generation_config(config: Any, name: str = "generation_config") -> GenerationConfig:
     """bigmodel's GenerationConfig for `config`: itself, or one holding what transformers' GenerationConfig
     or a dict sets (see settings_of)."""
     return config if isinstance(config, GenerationConfig) else GenerationConfig(**settings_of(config, name))
-
 
 
 def arch_of(model: Any) -> str:

@@ -1,7 +1,7 @@
 """The generation engine: one decoder for the Python API, the CLI, evaluation and (later) the server.
 
 Reading order:
-  GenerationConfig     (config.py) the knobs, named and defaulted as in transformers, validated
+  GenerationConfig     (config.py) the knobs, named as in transformers, None until set; resolved() fills defaults
   process_logits       repetition penalty -> temperature -> top-k -> top-p -> min-p (transformers' order)
   decode               the loop: left-padded batch prefill into a preallocated KV cache, then one token
                        per step for every row; yields each step's tokens and their log-probabilities
@@ -20,13 +20,20 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bigmodel import hardware
-from bigmodel.config import GenerationConfig, as_generation_config, settings_of
+from bigmodel.config import (
+    GENERATION_FIELDS,
+    GenerationConfig,
+    ResolvedGeneration,
+    as_generation_config,
+    not_applied,
+    settings_of,
+)
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT, MLP, Block
 from bigmodel.nn.attention import CausalSelfAttention, prompt_mask
@@ -44,47 +51,55 @@ _INSTEAD = {
 }
 
 
-def config_for(model: Any, kwargs: dict[str, Any], given: Any = None) -> GenerationConfig:
-    """The GenerationConfig a call runs with, built as transformers builds it: the model's own
-    (`model.generation_config`, else the defaults), then the settings `given` sets (bigmodel's
-    GenerationConfig: those that differ from the defaults; transformers' or a dict: those not None), then
-    the keywords."""
+def config_for(model: Any, kwargs: dict[str, Any], generation_config: Any = None) -> ResolvedGeneration:
+    """The settings a call runs with, built as transformers builds them: the model's own
+    (`model.generation_config`), then what `generation_config` sets (bigmodel's GenerationConfig,
+    transformers' or a dict), then the keywords; transformers' defaults for what is left unset."""
     base = as_generation_config(getattr(model, "generation_config", None) or {}, "model.generation_config")
-    if given is not None:
-        base = dataclasses.replace(base, **settings_of(given))
-    return _split_kwargs(kwargs, base)
+    if generation_config is not None:
+        base = dataclasses.replace(base, **settings_of(generation_config))
+    return _with_keywords(base, kwargs)
 
 
-def _split_kwargs(kwargs: dict[str, Any], base: GenerationConfig | None = None) -> GenerationConfig:
-    """The GenerationConfig of `base` (defaults: GenerationConfig's) with the keywords given; a ValueError
-    for unknown keywords and invalid values."""
-    kwargs = dict(kwargs)
-    kwargs.pop("use_cache", None)  # transformers' switch for the KV cache, which bigmodel always uses (same tokens)
-    for name, off in (("num_beams", 1), ("output_scores", False), ("return_dict_in_generate", False)):
-        if name in kwargs and kwargs[name] in (None, off):  # transformers' defaults, passed explicitly
-            del kwargs[name]
-    known = {f.name for f in fields(GenerationConfig)}
-    unknown = sorted(set(kwargs) - known)
+def _with_keywords(base: GenerationConfig, kwargs: dict[str, Any]) -> ResolvedGeneration:
+    """`base` with the keywords given, resolved; a ValueError for keywords bigmodel does not apply (unknown
+    ones, or transformers' with other values than its defaults) and for invalid values. A keyword of None
+    is a setting: eos_token_id=None stops nowhere, top_k=None is transformers' default."""
+    unknown = not_applied(kwargs)
     if unknown:
         hints = "".join(f"; {name}: {_INSTEAD[name]}" for name in unknown if name in _INSTEAD)
         raise ValueError(
-            f"unknown generation argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}{hints}"
+            f"unknown generation argument(s) {', '.join(unknown)}; known: {', '.join(sorted(GENERATION_FIELDS))}"
+            f"{hints}"
         )
-    config = dataclasses.replace(base, **kwargs) if base is not None else GenerationConfig(**kwargs)
-    config.validate()
-    return config
+    return dataclasses.replace(base, **{k: v for k, v in kwargs.items() if k in GENERATION_FIELDS}).resolved()
+
+
+def new_tokens(cfg: GenerationConfig, prompt: int, block: int) -> int:
+    """How many tokens to generate after a prompt of `prompt` tokens, as transformers counts them:
+    max_new_tokens; else max_length minus the prompt; else 20 within the context window (recent transformers;
+    older releases counted the prompt in the 20). A ValueError when that leaves none."""
+    if cfg.max_new_tokens is not None:
+        return cfg.max_new_tokens
+    new = cfg.max_length - prompt if cfg.max_length is not None else min(20, block - prompt)
+    if new < 1:
+        limit = f"max_length={cfg.max_length}" if cfg.max_length is not None else f"the context window ({block})"
+        raise ValueError(f"nothing to generate: the prompt's {prompt} tokens reach {limit}")
+    return new
 
 
 # ----- logits processing ------------------------------------------------------------------------------------
 def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig) -> torch.Tensor:
-    """logits (N, V) float -> processed logits (N, V); `seen` (N, V) bool marks tokens already in each row."""
+    """logits (N, V) float -> processed logits (N, V); `seen` (N, V) bool marks tokens already in each row.
+    cfg's unset settings take transformers' defaults (the engine passes it resolved)."""
+    cfg = cfg.resolved()
     if seen is not None and cfg.repetition_penalty != 1.0:
         penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
     if not cfg.do_sample:
         return logits
     logits = logits / cfg.temperature
-    if cfg.top_k and cfg.top_k < logits.size(-1):  # (0 or None: off)
+    if cfg.top_k and cfg.top_k < logits.size(-1):  # (0: off)
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p is not None and cfg.top_p < 1.0:
@@ -126,19 +141,11 @@ def decode(model: GPT, prompts: list[list[int]], cfg: GenerationConfig, *, logpr
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start an empty text with the end-of-text token)")
+    cfg = cfg.resolved()
     rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
     L = max(len(p) for p in rows)
     block = model.config.block_size
-    if cfg.max_new_tokens is not None:
-        new = cfg.max_new_tokens
-    elif cfg.max_length is not None:  # counts the prompt
-        new = cfg.max_length - L
-    else:  # neither: 20 new tokens within the context window, as transformers 5 (4 counted the prompt in 20)
-        new = min(20, block - L)
-    if new < 1:
-        raise ValueError(
-            f"nothing to generate: the prompt has {L} tokens, max_length={cfg.max_length}, context window {block}"
-        )
+    new = new_tokens(cfg, L, block)
     if L + new > block:
         raise ValueError(
             f"prompt ({L} tokens) + max_new_tokens ({new}) exceeds the context window of {block} tokens; "
@@ -223,7 +230,7 @@ def _argmax(scores: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()  # cheaper than no_grad; only lists and fresh tensors leave the engine
 def _decode_steps(
-    model: GPT, rows: list[list[int]], new: int, cfg: GenerationConfig, with_logprobs: bool
+    model: GPT, rows: list[list[int]], new: int, cfg: ResolvedGeneration, with_logprobs: bool
 ) -> Iterator[Step]:
     device = _device(model)
     N, L, vocab = len(rows), max(len(p) for p in rows), model.config.vocab_size or 0
@@ -292,7 +299,7 @@ def generate(
     stop_strings: list[str] | None = None,
     tokenizer: Tokenizer | None = None,
     output_logprobs: bool = False,
-    generation_config: GenerationConfig | None = None,
+    generation_config: Any = None,
     **kwargs: Any,
 ) -> Any:
     """Continue each row of `input_ids` (B, T); returns (B * num_return_sequences, T + new) token ids.
@@ -313,12 +320,7 @@ def generate(
     # lengths count the input's width, columns of padding every row shares included, as transformers counts
     # them, and the result keeps that width: out[:, input_ids.shape[1]:] are the new tokens
     L = max(map(len, input_ids)) if _ragged(input_ids) else torch.as_tensor(input_ids).shape[-1]
-    if cfg.max_new_tokens is None:
-        block = model.config.block_size
-        cfg.max_new_tokens = cfg.max_length - L if cfg.max_length is not None else min(20, block - L)
-        if cfg.max_new_tokens < 1:
-            limit = f"max_length={cfg.max_length}" if cfg.max_length is not None else f"the context window ({block})"
-            raise ValueError(f"nothing to generate: the prompt's {L} tokens reach {limit}")
+    cfg.max_new_tokens = new_tokens(cfg, L, model.config.block_size)
     rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
     results = _complete(model, prompts, cfg, tokenizer if stop_strings else None, stop_strings, output_logprobs)
     width = max(len(r.token_ids) for r in results)
@@ -472,7 +474,7 @@ def stream_text(
     return _stream_chunks(steps, TextStream(tokenizer, stop_strings), stats if stats is not None else {})
 
 
-def _text_config(model: GPT, tokenizer: Tokenizer, kwargs: dict[str, Any]) -> GenerationConfig:
+def _text_config(model: GPT, tokenizer: Tokenizer, kwargs: dict[str, Any]) -> ResolvedGeneration:
     """config_for, stopping at the tokenizer's end-of-text id unless the keywords or the model say otherwise."""
     cfg = config_for(model, kwargs)
     if cfg.eos_token_id is None and "eos_token_id" not in kwargs:
@@ -513,7 +515,7 @@ def generate_text(
 def _complete(
     model: GPT,
     prompts: list[list[int]],
-    cfg: GenerationConfig,
+    cfg: ResolvedGeneration,
     tokenizer: Tokenizer | None,
     stop_strings: list[str] | None,
     logprobs: bool = True,
@@ -550,7 +552,7 @@ def _complete(
 
 
 def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    return tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    return tokenizer.encode(prompt, add_special_tokens=False) if prompt else [tokenizer.eot_id]  # (as the data)
 
 
 # ----- the command ------------------------------------------------------------------------------------------
@@ -609,7 +611,7 @@ def run_generate(args: Any) -> int:
         max_new_tokens=args.max_new_tokens,
         do_sample=not args.greedy,
         temperature=args.temperature,
-        top_k=args.top_k or None,
+        top_k=args.top_k,  # (0: off)
         top_p=args.top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,

@@ -151,6 +151,7 @@ def test_calls_written_for_transformers_tokenizers_give_what_they_give(
         {"max_length": 3},  # neither padding nor truncation: transformers truncates
         {"max_length": 3, "truncation": False},
         {"padding": True, "max_length": 3},
+        {"padding": "max_length"},  # no max_length and no limit: nothing to pad to
     ]:
         assert dict(bpe(texts, padding_side=side, **kw)) == dict(theirs(texts, **kw)), kw
     assert bpe.batch_decode(ours.input_ids, skip_special_tokens=True) == texts
@@ -163,7 +164,6 @@ def test_calls_written_for_transformers_tokenizers_give_what_they_give(
         ({"return_tensors": "pt"}, "cannot be tensors: pass padding=True"),
         ({"return_tensors": "tf"}, "lists or torch tensors"),
         ({"padding": "max_to_the_moon"}, "pad to the longest"),
-        ({"padding": "max_length"}, "needs max_length >= 1"),
         ({"truncation": True, "max_length": 0}, "needs max_length >= 1"),
         ({"padding": True, "padding_side": "middle"}, "'left' or 'right'"),
     ]:
@@ -250,9 +250,9 @@ def test_more_of_transformers_tokenizer_names_give_what_they_give(bpe: Tokenizer
 
 
 def test_special_tokens_and_lengths_a_directory_names(tmp_path: Path) -> None:
-    """encode adds a post-processor's special tokens only when asked (bigmodel's data has none; transformers
-    adds them by default); model_max_length: a real limit is kept through save_pretrained, "none" stays
-    none (padding="max_length" then needs max_length)."""
+    """encode adds a post-processor's special tokens unless told not to, as transformers' does;
+    model_max_length: a real limit is kept through save_pretrained, "none" stays none (truncation and
+    padding="max_length" then do nothing, as in transformers)."""
     from tokenizers import processors
     from transformers import AutoTokenizer
 
@@ -261,13 +261,13 @@ def test_special_tokens_and_lengths_a_directory_names(tmp_path: Path) -> None:
     tok.save_pretrained(tmp_path / "template")
     theirs = AutoTokenizer.from_pretrained(tmp_path / "template")
     ours = Tokenizer.from_pretrained(tmp_path / "template")
-    assert ours.encode("ab") == theirs.encode("ab", add_special_tokens=False) == [97, 98]
-    assert ours.encode("ab", add_special_tokens=True) == theirs.encode("ab") == [tok.eot_id, 97, 98]
+    assert ours.encode("ab", add_special_tokens=False) == theirs.encode("ab", add_special_tokens=False) == [97, 98]
+    assert ours.encode("ab") == theirs.encode("ab") == ours(["ab"])["input_ids"][0] == [tok.eot_id, 97, 98]
 
     assert ours.model_max_length is None  # saved without a limit: none, for transformers too
     assert theirs.model_max_length > 10**20
-    with pytest.raises(ValueError, match="needs max_length"):
-        ours(["ab"], padding="max_length")
+    for kw in [dict(padding="max_length"), dict(truncation=True)]:  # no limit: nothing to pad or cut to
+        assert dict(ours(["abc", "a"], **kw)) == dict(theirs(["abc", "a"], **kw)), kw
     tok.save_pretrained(tmp_path / "limited", model_max_length=64)
     again = Tokenizer.from_pretrained(tmp_path / "limited")
     again.save_pretrained(tmp_path / "again")  # re-saved without saying: the limit stays

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -381,7 +382,7 @@ def test_padding_in_and_out_of_generate_is_transformers(tmp_path: Path) -> None:
     class Ids:  # a tokenizer that spells ids, enough for the text API
         eot_id = V - 1
 
-        def encode(self, text: str) -> list[int]:
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
             return [int(t) for t in text.split()]
 
         def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
@@ -450,16 +451,21 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
     assert (g.eos_token_id, g.do_sample, g.top_k, g.temperature) == (3, True, 0, 0.7)
     a = model.generate(idx, max_new_tokens=6, seed=1)
     assert torch.equal(a, model.generate(idx, max_new_tokens=6, seed=1, do_sample=True, top_k=0, temperature=0.7))
-    # generation_config= lays what it sets over the model's other settings, as in transformers: bigmodel's
-    # GenerationConfig (what differs from its defaults, however it was made), transformers' own, or a dict
+    # generation_config= lays what it sets (what is not None) over the model's other settings, as in
+    # transformers: bigmodel's GenerationConfig however it was made, transformers' own, or a dict
     top5 = model.generate(idx, max_new_tokens=6, seed=2, top_k=5)
     later = GenerationConfig()
     later.top_k = 5
     for given in [GenerationConfig(top_k=5), later, dataclasses.replace(GenerationConfig(), top_k=5)]:
         assert torch.equal(top5, model.generate(idx, max_new_tokens=6, seed=2, generation_config=given))
     greedy = model.generate(idx, max_new_tokens=6, do_sample=False)
-    for given in [HFGenerationConfig(do_sample=False), {"do_sample": False}]:
+    copied = copy.deepcopy(model.generation_config)  # transformers' idiom: a copy of the model's, changed
+    copied.do_sample = False
+    harmless = HFGenerationConfig(do_sample=False)
+    harmless.output_logits = harmless.renormalize_logits = False  # set to transformers' defaults: nothing to apply
+    for given in [GenerationConfig(do_sample=False), copied, harmless, {"do_sample": False}]:
         assert torch.equal(greedy, model.generate(idx, max_new_tokens=6, generation_config=given)), given
+    assert torch.equal(greedy, model.generate(idx, max_new_tokens=6, do_sample=False, bos_token_id=1, min_length=0))
     seeded = model.generate(idx, max_new_tokens=6, generation_config={"seed": 4})
     assert torch.equal(seeded, model.generate(idx, max_new_tokens=6, seed=4))
     with pytest.raises(ValueError, match="generation_config sets num_beams: not applied"):
@@ -468,9 +474,12 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
         model.generate(idx, generation_config={"stop_strings": ["."]})
     model.generation_config = HFGenerationConfig(do_sample=False, eos_token_id=3)  # transformers' own, assigned
     assert torch.equal(greedy, model.generate(idx, max_new_tokens=6))
+    model.generation_config = {"do_sample": True, "top_k": 3}  # a dict, generated from and saved
+    model.save_pretrained(tmp_path / "dict_config")
+    assert GPT.from_pretrained(tmp_path / "dict_config").generation_config.top_k == 3
     model.generation_config = HFGenerationConfig(do_sample=True)  # ... and saved: what it leaves unset stays so
     model.save_pretrained(tmp_path / "theirs_config")
-    assert GPT.from_pretrained(tmp_path / "theirs_config").generation_config.top_k == 50
+    assert GPT.from_pretrained(tmp_path / "theirs_config").generation_config.top_k is None  # unset: 50 when run
     (tmp_path / "generation_config.json").write_text(json.dumps({"seed": 3}))  # transformers keeps, never applies
     with pytest.warns(UserWarning, match="seed not applied"):
         assert GPT.from_pretrained(tmp_path).generation_config.seed is None
@@ -490,7 +499,7 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
     reloaded = GPT.from_pretrained(tmp_path / "saved").generation_config
     eot = Tokenizer.char().eot_id
     assert reloaded == GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, eos_token_id=eot)
-    model.generation_config = GenerationConfig(do_sample=True, top_k=None)  # top-k off: written as transformers' 0
+    model.generation_config = GenerationConfig(do_sample=True, top_k=0)  # top-k off: transformers' 0 too
     model.save_pretrained(tmp_path / "saved")
     assert HFGenerationConfig.from_pretrained(tmp_path / "saved").top_k == 0
     assert GPT.from_pretrained(tmp_path / "saved").generation_config.top_k == 0

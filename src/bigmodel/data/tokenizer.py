@@ -149,7 +149,7 @@ class Tokenizer:
         text: str,
         *,
         return_tensors: None = None,
-        add_special_tokens: bool = False,
+        add_special_tokens: bool = True,
         truncation: bool | str | None = None,
         max_length: int | None = None,
     ) -> list[int]: ...
@@ -160,7 +160,7 @@ class Tokenizer:
         text: str,
         *,
         return_tensors: str,
-        add_special_tokens: bool = False,
+        add_special_tokens: bool = True,
         truncation: bool | str | None = None,
         max_length: int | None = None,
     ) -> torch.Tensor: ...
@@ -170,14 +170,14 @@ class Tokenizer:
         text: str,
         *,
         return_tensors: str | None = None,
-        add_special_tokens: bool = False,
+        add_special_tokens: bool = True,
         truncation: bool | str | None = None,
         max_length: int | None = None,
     ) -> list[int] | torch.Tensor:
         """Text -> token ids; with transformers' return_tensors="pt", a (1, T) tensor for `generate`
         (`model.generate(tok.encode(text, return_tensors="pt"))`). truncation and max_length as in the call
-        (`__call__`). Special tokens a tokenizer.json's post-processor adds come only with
-        add_special_tokens=True (transformers' default; bigmodel's data has none, and GPT-2 adds none)."""
+        (`__call__`), and so are add_special_tokens (on, as in transformers: a tokenizer.json's post-processor
+        may add some; GPT-2's and bigmodel's add none)."""
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors={return_tensors!r}: bigmodel returns lists or torch tensors ('pt')")
         ids = self(text, truncation=truncation, max_length=max_length, add_special_tokens=add_special_tokens)[
@@ -287,9 +287,10 @@ class Tokenizer:
         each row as if it were alone, whichever the side (left is what generation wants; transformers pads
         GPT-2 on the right by default); padding="max_length" pads to `max_length`. truncation=True keeps the
         first `max_length` tokens of each row, and so does a `max_length` given without padding or
-        truncation (as transformers does); without max_length they use `model_max_length`, the context window
-        tokenizer_config.json names. Rows of different lengths need padding for tensors. There are no
-        special tokens to add (`add_special_tokens` is handed to the underlying tokenizer)."""
+        truncation (as transformers does); without max_length they use `model_max_length`, the limit
+        tokenizer_config.json names (none: no truncation, no padding to a length). Rows of different lengths
+        need padding for tensors. `add_special_tokens` is handed to the underlying tokenizer (GPT-2's and
+        bigmodel's add none)."""
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors={return_tensors!r}: bigmodel returns lists or torch tensors ('pt')")
         if padding not in (False, True, "longest", "max_length", "do_not_pad"):
@@ -299,8 +300,10 @@ class Tokenizer:
         if truncation is None:  # transformers truncates to a max_length given with neither
             truncation = max_length is not None and padding in (False, "do_not_pad")
         truncate = truncation not in (False, "do_not_truncate")
-        if (truncate or padding == "max_length") and max_length is None:  # transformers' fallback
+        if (truncate or padding == "max_length") and max_length is None:  # transformers' fallback...
             max_length = self.model_max_length
+            if max_length is None:  # ...and with no limit, nothing to truncate or pad to (as there)
+                truncate, padding = False, False if padding == "max_length" else padding
         if (truncate or padding == "max_length") and (max_length is None or max_length < 1):
             raise ValueError(f"truncation=True or padding='max_length' needs max_length >= 1, got {max_length}")
         texts = [text] if isinstance(text, str) else list(text)

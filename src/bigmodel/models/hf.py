@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from bigmodel import atomic
-from bigmodel.config import GenerationConfig, GPTConfig, as_generation_config, generation_settings
+from bigmodel.config import GENERATION_FIELDS, GenerationConfig, GPTConfig, not_applied, settings_of
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
 
@@ -109,21 +109,20 @@ def save_gpt(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -
 
 
 def generation_config_to_hf(config: Any, eot_id: int | None) -> dict[str, Any]:
-    """generation_config.json: the end-of-text id as bos and eos (as GPT-2's own file has them), and every
-    knob of `config` (ours, or transformers' own) that differs from its default (so transformers' generate
-    starts where ours does)."""
-    changed = as_generation_config(config, "model.generation_config").set_fields()
-    changed.pop("seed", None)
-    if "top_k" in changed and changed["top_k"] is None:
-        changed["top_k"] = 0  # off (null would read back as transformers' default, 50)
-    if not config.do_sample:  # transformers refuses a greedy config with several sequences
-        changed.pop("num_return_sequences", None)
-    return {"bos_token_id": eot_id, "eos_token_id": eot_id, **changed}
+    """generation_config.json: the end-of-text id as bos and eos (as GPT-2's own file has them), and what
+    `config` (ours, transformers' own or a dict) sets, so transformers' generate starts where ours does;
+    not a seed, which transformers would keep and not apply."""
+    sets = settings_of(config, "model.generation_config")
+    sets.pop("seed", None)
+    if not sets.get("do_sample"):  # transformers refuses a greedy config with several sequences
+        sets.pop("num_return_sequences", None)
+    return {"bos_token_id": eot_id, "eos_token_id": eot_id, **sets}
 
 
 def generation_config_from_hf(path: Path, cfg: dict[str, Any]) -> GenerationConfig:
-    """The generation defaults a directory sets, read as transformers reads them: generation_config.json,
-    else config.json's eos and pad ids. Keys bigmodel's generate does not apply are named in a warning."""
+    """The generation settings a directory sets, read as transformers reads them: generation_config.json,
+    else config.json's eos and pad ids. Settings bigmodel's generate does not apply (a seed among them:
+    transformers keeps one there and ignores it) are named in a warning."""
     file = path / "generation_config.json"
     if not file.is_file():
         return GenerationConfig(**{k: cfg[k] for k in ("eos_token_id", "pad_token_id") if cfg.get(k) is not None})
@@ -131,12 +130,13 @@ def generation_config_from_hf(path: Path, cfg: dict[str, Any]) -> GenerationConf
         raw = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{file} is not valid JSON: {e}") from e
-    settings, ignored = generation_settings(raw, seed=False)
+    ignored = sorted(not_applied(raw) + (["seed"] if raw.get("seed") is not None else []))
     if ignored:
         warnings.warn(f"{file}: {', '.join(ignored)} not applied by bigmodel's generate", stacklevel=3)
+    settings = {k: v for k, v in raw.items() if k in GENERATION_FIELDS - {"seed"} and v is not None}
     try:
         config = GenerationConfig(**settings)
-        config.validate()
+        config.resolved()  # (checks the values)
     except (TypeError, ValueError) as e:
         raise UserError(f"{file}: {e}") from e
     return config

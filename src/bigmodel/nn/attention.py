@@ -51,10 +51,6 @@ class KVCache:
         self.grow_to = grow_to
         self.pos = 0
 
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
     def check_room(self, n: int) -> None:
         """A ValueError unless n more positions fit (decoding steps that write the cache themselves ask too);
         a cache with `grow_to` grows first where that makes them fit."""
