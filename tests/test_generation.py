@@ -197,9 +197,28 @@ def test_sampling_keeps_the_50_most_likely_tokens_unless_told_as_transformers_do
     logits = torch.randn(3, 96, generator=torch.Generator().manual_seed(0))
     kept = lambda **kw: torch.isfinite(process_logits(logits, None, GenerationConfig(do_sample=True, **kw)))  # noqa: E731
     assert kept().sum(-1).tolist() == [50, 50, 50]
-    assert kept(top_k=0).all() and kept(top_k=None).sum(-1).tolist() == [50, 50, 50]  # None: unset
+    assert kept(top_k=0).all() and kept(top_k=None).sum(-1).tolist() == [50, 50, 50]  # None in a config: unset
     assert kept(top_k=0, top_p=0.5).sum() < logits.numel()  # top-p alone
     assert torch.equal(process_logits(logits, None, GenerationConfig()), logits)  # greedy: untouched
+
+
+def test_keywords_come_after_the_defaults_as_in_transformers(model: GPT) -> None:
+    """A keyword of None is a setting, applied after transformers' defaults: top_k=None keeps every token,
+    as transformers' generate(top_k=None) does; its harmless settings at their defaults are taken; invalid
+    keywords raise even over a model whose config is already resolved."""
+    from bigmodel.generation import config_for
+
+    m = copy.deepcopy(model)
+    m.generation_config = GenerationConfig(do_sample=True, top_k=5)
+    assert config_for(m, {}).top_k == 5 and config_for(m, {"top_k": None}).top_k == 0
+    assert config_for(m, {"temperature": None}).temperature == 1.0  # (None does what the default does)
+    assert config_for(m, {"epsilon_cutoff": 0.0, "num_beam_groups": 1, "bos_token_id": 3}).top_k == 5
+    m.generation_config = m.generation_config.resolved()
+    for bad in [{"temperature": -1.0}, {"top_k": -3}, {"num_return_sequences": 0}]:
+        with pytest.raises(ValueError, match="must be"):
+            config_for(m, bad)
+    with pytest.raises(ValueError, match="unknown generation argument.*epsilon_cutoff"):
+        config_for(m, {"epsilon_cutoff": 0.1})
 
 
 def test_sampling_follows_the_distribution() -> None:

@@ -324,9 +324,7 @@ class GenerationConfig:
 
     def resolved(self) -> ResolvedGeneration:
         """This config with transformers' defaults for what it leaves unset; a ValueError for invalid values."""
-        config = ResolvedGeneration(**self.set_fields())
-        config.validate()
-        return config
+        return ResolvedGeneration(**self.set_fields())
 
     @property
     def stop_ids(self) -> list[int]:
@@ -342,15 +340,20 @@ class GenerationConfig:
 
 @dataclass(kw_only=True)
 class ResolvedGeneration(GenerationConfig):
-    """A GenerationConfig with transformers' defaults in place of what was unset: what the engine runs."""
+    """A GenerationConfig with transformers' defaults (these fields') in place of what was unset, its values
+    checked when made (and so when `dataclasses.replace` makes one): what the engine runs."""
 
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int = 50  # when sampling
+    top_k: int = 50  # when sampling; 0: off
     repetition_penalty: float = 1.0
     num_return_sequences: int = 1
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) is None and f.default is not None:
+                setattr(self, f.name, f.default)
+
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(message)
@@ -374,15 +377,18 @@ class ResolvedGeneration(GenerationConfig):
         return self
 
 
+GENERATION_FIELDS = frozenset(f.name for f in fields(GenerationConfig))
 # transformers' generation settings that change nothing bigmodel's generate does, or that hold its defaults
+# (transformers' GenerationConfig._get_default_generation_params)
 _GENERATION_INERT = {"bos_token_id", "transformers_version", "_from_model_config", "use_cache"}
 _GENERATION_DEFAULTS = {
-    "num_beams": 1,
     "min_length": 0,
-    "no_repeat_ngram_size": 0,
     "early_stopping": False,
-    "length_penalty": 1.0,
+    "num_beams": 1,
     "typical_p": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
     "output_scores": False,
     "output_logits": False,
     "output_attentions": False,
@@ -390,9 +396,26 @@ _GENERATION_DEFAULTS = {
     "return_dict_in_generate": False,
     "renormalize_logits": False,
     "remove_invalid_values": False,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "encoder_repetition_penalty": 1.0,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "num_assistant_tokens": 20,
+    "num_assistant_tokens_schedule": "constant",
+    "assistant_confidence_threshold": 0.4,
+    "assistant_lookbehind": 10,
+    "target_lookbehind": 10,
 }
 _NO_DEFAULT = object()
-GENERATION_FIELDS = frozenset(f.name for f in fields(GenerationConfig))
+# what to use instead of transformers' settings bigmodel does not apply
+GENERATION_INSTEAD = {
+    "num_beams": "beam search is not built (num_beams=1 is accepted): decode greedily or sample",
+    "output_scores": "output_logprobs=True returns the chosen tokens' log-probabilities",
+    "return_dict_in_generate": "generate returns the ids, and (ids, logprobs) with output_logprobs=True",
+    "no_repeat_ngram_size": "not built: repetition_penalty > 1 discourages repeats",
+    "stop_strings": "pass stop_strings= (with tokenizer=) to generate",
+}
 
 
 def not_applied(raw: dict[str, Any]) -> list[str]:
@@ -407,6 +430,11 @@ def not_applied(raw: dict[str, Any]) -> list[str]:
     )
 
 
+def instead(names: list[str]) -> str:
+    """What to use instead of the settings named, for an error message ("" when there is nothing to say)."""
+    return "".join(f"; {name}: {GENERATION_INSTEAD[name]}" for name in names if name in GENERATION_INSTEAD)
+
+
 def settings_of(config: Any, name: str = "generation_config") -> dict[str, Any]:
     """What a generation config sets: bigmodel's (`set_fields`), transformers' own (what differs from its
     defaults, `to_diff_dict`) or a dict (what is not None); a ValueError names settings bigmodel's generate
@@ -416,15 +444,8 @@ def settings_of(config: Any, name: str = "generation_config") -> dict[str, Any]:
     raw = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(config)
     ignored = not_applied(raw)
     if ignored:
-        hint = "; pass stop_strings= and tokenizer= to generate" if "stop_strings" in ignored else ""
-        raise ValueError(f"{name} sets {', '.join(ignored)}: not applied by bigmodel's generate{hint}")
+        raise ValueError(f"{name} sets {', '.join(ignored)}: not applied by bigmodel's generate{instead(ignored)}")
     return {k: v for k, v in raw.items() if k in GENERATION_FIELDS and v is not None}
-
-
-def as_generation_config(config: Any, name: str = "generation_config") -> GenerationConfig:
-    """bigmodel's GenerationConfig for `config`: itself, or one holding what transformers' GenerationConfig
-    or a dict sets (see settings_of)."""
-    return config if isinstance(config, GenerationConfig) else GenerationConfig(**settings_of(config, name))
 
 
 def arch_of(model: Any) -> str:

@@ -30,7 +30,7 @@ from bigmodel.config import (
     GENERATION_FIELDS,
     GenerationConfig,
     ResolvedGeneration,
-    as_generation_config,
+    instead,
     not_applied,
     settings_of,
 )
@@ -42,37 +42,24 @@ if TYPE_CHECKING:
     from bigmodel.data.tokenizer import Tokenizer
 
 
-# transformers' generate arguments that bigmodel does not take, with what to use instead
-_INSTEAD = {
-    "num_beams": "beam search is not built (num_beams=1 is accepted): decode greedily or sample",
-    "output_scores": "output_logprobs=True returns the chosen tokens' log-probabilities",
-    "return_dict_in_generate": "generate returns the ids, and (ids, logprobs) with output_logprobs=True",
-    "no_repeat_ngram_size": "not built: repetition_penalty > 1 discourages repeats",
-}
-
-
 def config_for(model: Any, kwargs: dict[str, Any], generation_config: Any = None) -> ResolvedGeneration:
     """The settings a call runs with, built as transformers builds them: the model's own
-    (`model.generation_config`), then what `generation_config` sets (bigmodel's GenerationConfig,
-    transformers' or a dict), then the keywords; transformers' defaults for what is left unset."""
-    base = as_generation_config(getattr(model, "generation_config", None) or {}, "model.generation_config")
-    if generation_config is not None:
-        base = dataclasses.replace(base, **settings_of(generation_config))
-    return _with_keywords(base, kwargs)
-
-
-def _with_keywords(base: GenerationConfig, kwargs: dict[str, Any]) -> ResolvedGeneration:
-    """`base` with the keywords given, resolved; a ValueError for keywords bigmodel does not apply (unknown
-    ones, or transformers' with other values than its defaults) and for invalid values. A keyword of None
-    is a setting: eos_token_id=None stops nowhere, top_k=None is transformers' default."""
+    (`model.generation_config`) with what `generation_config` sets laid over them (bigmodel's
+    GenerationConfig, transformers' or a dict), transformers' defaults for what is left unset, then the
+    keywords. As in transformers keywords come last, so None is a setting there: eos_token_id=None stops
+    nowhere, top_k=None keeps every token (the other knobs' None does what their default does)."""
     unknown = not_applied(kwargs)
     if unknown:
-        hints = "".join(f"; {name}: {_INSTEAD[name]}" for name in unknown if name in _INSTEAD)
         raise ValueError(
             f"unknown generation argument(s) {', '.join(unknown)}; known: {', '.join(sorted(GENERATION_FIELDS))}"
-            f"{hints}"
+            f"{instead(unknown)}"
         )
-    return dataclasses.replace(base, **{k: v for k, v in kwargs.items() if k in GENERATION_FIELDS}).resolved()
+    own = settings_of(getattr(model, "generation_config", None) or {}, "model.generation_config")
+    given = settings_of(generation_config) if generation_config is not None else {}
+    keywords: dict[str, Any] = {
+        k: (0 if k == "top_k" and v is None else v) for k, v in kwargs.items() if k in GENERATION_FIELDS
+    }
+    return dataclasses.replace(ResolvedGeneration(**{**own, **given}), **keywords)
 
 
 def new_tokens(cfg: GenerationConfig, prompt: int, block: int) -> int:

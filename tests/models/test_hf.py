@@ -470,7 +470,7 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
     assert torch.equal(seeded, model.generate(idx, max_new_tokens=6, seed=4))
     with pytest.raises(ValueError, match="generation_config sets num_beams: not applied"):
         model.generate(idx, generation_config={"num_beams": 4})
-    with pytest.raises(ValueError, match="pass stop_strings= and tokenizer= to generate"):
+    with pytest.raises(ValueError, match=r"pass stop_strings= \(with tokenizer=\) to generate"):
         model.generate(idx, generation_config={"stop_strings": ["."]})
     model.generation_config = HFGenerationConfig(do_sample=False, eos_token_id=3)  # transformers' own, assigned
     assert torch.equal(greedy, model.generate(idx, max_new_tokens=6))
@@ -490,7 +490,7 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
     with pytest.raises(UserError, match=r"generation_config.json: top_p=2.0 must be in \(0, 1\]"):
         GPT.from_pretrained(tmp_path)
 
-    # save_pretrained writes what differs from the defaults, and transformers reads the same knobs back
+    # save_pretrained writes what the config sets, and transformers reads the same knobs back
     model.generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9)
     model.save_pretrained(tmp_path / "saved", Tokenizer.char())
     theirs_cfg = HFGenerationConfig.from_pretrained(tmp_path / "saved")

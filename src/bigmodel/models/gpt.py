@@ -123,7 +123,7 @@ class GPT(nn.Module):
             raise ValueError("GPTConfig.vocab_size is None: set it to the tokenizer's vocabulary size")
         self.config = config
         # what `generate` starts from, as transformers' model.generation_config (from_pretrained reads a
-        # directory's generation_config.json into it; save_pretrained writes what differs from the defaults)
+        # directory's generation_config.json into it; save_pretrained writes what it sets)
         self.generation_config = GenerationConfig()
         self.activation_checkpointing = False  # recompute each block's activations in backward (train only)
         self.transformer = Transformer(config, config.vocab_size)

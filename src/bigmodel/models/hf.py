@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from bigmodel import atomic
-from bigmodel.config import GENERATION_FIELDS, GenerationConfig, GPTConfig, not_applied, settings_of
+from bigmodel.config import GenerationConfig, GPTConfig, not_applied, settings_of
 from bigmodel.errors import UserError
 from bigmodel.models.gpt import GPT
 
@@ -133,9 +133,8 @@ def generation_config_from_hf(path: Path, cfg: dict[str, Any]) -> GenerationConf
     ignored = sorted(not_applied(raw) + (["seed"] if raw.get("seed") is not None else []))
     if ignored:
         warnings.warn(f"{file}: {', '.join(ignored)} not applied by bigmodel's generate", stacklevel=3)
-    settings = {k: v for k, v in raw.items() if k in GENERATION_FIELDS - {"seed"} and v is not None}
     try:
-        config = GenerationConfig(**settings)
+        config = GenerationConfig(**settings_of({k: v for k, v in raw.items() if k not in ignored}, str(file)))
         config.resolved()  # (checks the values)
     except (TypeError, ValueError) as e:
         raise UserError(f"{file}: {e}") from e
