@@ -219,6 +219,10 @@ def test_keywords_come_after_the_defaults_as_in_transformers(model: GPT) -> None
             config_for(m, bad)
     with pytest.raises(ValueError, match="unknown generation argument.*epsilon_cutoff"):
         config_for(m, {"epsilon_cutoff": 0.1})
+    m.generation_config = GenerationConfig(do_sample=True, temperature=0.0, num_return_sequences=0)
+    mended = config_for(m, {"temperature": 0.7, "num_return_sequences": 1})  # keywords mend the model's
+    assert (mended.temperature, mended.num_return_sequences) == (0.7, 1)
+    assert not config_for(m, {"do_sample": False, "num_return_sequences": 1}).do_sample
 
 
 def test_sampling_follows_the_distribution() -> None:

@@ -338,6 +338,9 @@ class GenerationConfig:
         return self.pad_token_id if self.pad_token_id is not None else (self.stop_ids or [0])[0]
 
 
+GENERATION_FIELDS = frozenset(f.name for f in fields(GenerationConfig))
+
+
 @dataclass(kw_only=True)
 class ResolvedGeneration(GenerationConfig):
     """A GenerationConfig with transformers' defaults (these fields') in place of what was unset, its values
@@ -358,6 +361,15 @@ class ResolvedGeneration(GenerationConfig):
             if not ok:
                 raise ValueError(message)
 
+        for name, kind in _GENERATION_TYPES.items():
+            value = getattr(self, name)
+            check(value is None or isinstance(value, kind), f"{name}={value!r} must be {_KIND_NAMES[kind]}")
+        eos = self.eos_token_id
+        check(
+            eos is None or isinstance(eos, int) or (isinstance(eos, list) and all(isinstance(e, int) for e in eos)),
+            f"eos_token_id={eos!r} must be a token id or a list of them",
+        )
+
         check(
             self.max_new_tokens is None or self.max_new_tokens >= 1,
             f"max_new_tokens={self.max_new_tokens} must be >= 1",
@@ -377,7 +389,20 @@ class ResolvedGeneration(GenerationConfig):
         return self
 
 
-GENERATION_FIELDS = frozenset(f.name for f in fields(GenerationConfig))
+_INT, _NUMBER = int, (int, float)
+_KIND_NAMES: dict[Any, str] = {_INT: "an integer", _NUMBER: "a number"}
+_GENERATION_TYPES: dict[str, Any] = {
+    "max_new_tokens": _INT,
+    "max_length": _INT,
+    "top_k": _INT,
+    "num_return_sequences": _INT,
+    "pad_token_id": _INT,
+    "seed": _INT,
+    "temperature": _NUMBER,
+    "top_p": _NUMBER,
+    "min_p": _NUMBER,
+    "repetition_penalty": _NUMBER,
+}
 # transformers' generation settings that change nothing bigmodel's generate does, or that hold its defaults
 # (transformers' GenerationConfig._get_default_generation_params)
 _GENERATION_INERT = {"bos_token_id", "transformers_version", "_from_model_config", "use_cache"}
@@ -430,21 +455,25 @@ def not_applied(raw: dict[str, Any]) -> list[str]:
     )
 
 
-def instead(names: list[str]) -> str:
+def instead_hints(names: list[str]) -> str:
     """What to use instead of the settings named, for an error message ("" when there is nothing to say)."""
     return "".join(f"; {name}: {GENERATION_INSTEAD[name]}" for name in names if name in GENERATION_INSTEAD)
 
 
 def settings_of(config: Any, name: str = "generation_config") -> dict[str, Any]:
     """What a generation config sets: bigmodel's (`set_fields`), transformers' own (what differs from its
-    defaults, `to_diff_dict`) or a dict (what is not None); a ValueError names settings bigmodel's generate
-    would not apply."""
+    defaults, `to_diff_dict`, but a seed) or a dict (what is not None); a ValueError names settings
+    bigmodel's generate would not apply."""
     if isinstance(config, GenerationConfig):
         return config.set_fields()
-    raw = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(config)
+    if hasattr(config, "to_diff_dict"):  # transformers' own: it keeps a seed but does not apply it
+        raw = {k: v for k, v in config.to_diff_dict().items() if k != "seed"}
+    else:
+        raw = dict(config)
     ignored = not_applied(raw)
     if ignored:
-        raise ValueError(f"{name} sets {', '.join(ignored)}: not applied by bigmodel's generate{instead(ignored)}")
+        hints = instead_hints(ignored)
+        raise ValueError(f"{name} sets {', '.join(ignored)}: not applied by bigmodel's generate{hints}")
     return {k: v for k, v in raw.items() if k in GENERATION_FIELDS and v is not None}
 
 

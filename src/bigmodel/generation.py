@@ -15,7 +15,6 @@ Reading order:
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 import warnings
@@ -30,7 +29,7 @@ from bigmodel.config import (
     GENERATION_FIELDS,
     GenerationConfig,
     ResolvedGeneration,
-    instead,
+    instead_hints,
     not_applied,
     settings_of,
 )
@@ -44,22 +43,23 @@ if TYPE_CHECKING:
 
 def config_for(model: Any, kwargs: dict[str, Any], generation_config: Any = None) -> ResolvedGeneration:
     """The settings a call runs with, built as transformers builds them: the model's own
-    (`model.generation_config`) with what `generation_config` sets laid over them (bigmodel's
-    GenerationConfig, transformers' or a dict), transformers' defaults for what is left unset, then the
-    keywords. As in transformers keywords come last, so None is a setting there: eos_token_id=None stops
-    nowhere, top_k=None keeps every token (the other knobs' None does what their default does)."""
+    (`model.generation_config`), what `generation_config` sets laid over them (bigmodel's GenerationConfig,
+    transformers' or a dict), then the keywords; transformers' defaults for what is left unset, and the
+    values checked once, all laid together (so a keyword may mend a setting of the model's)."""
     unknown = not_applied(kwargs)
     if unknown:
         raise ValueError(
             f"unknown generation argument(s) {', '.join(unknown)}; known: {', '.join(sorted(GENERATION_FIELDS))}"
-            f"{instead(unknown)}"
+            f"{instead_hints(unknown)}"
         )
     own = settings_of(getattr(model, "generation_config", None) or {}, "model.generation_config")
     given = settings_of(generation_config) if generation_config is not None else {}
-    keywords: dict[str, Any] = {
-        k: (0 if k == "top_k" and v is None else v) for k, v in kwargs.items() if k in GENERATION_FIELDS
-    }
-    return dataclasses.replace(ResolvedGeneration(**{**own, **given}), **keywords)
+    keywords = {k: v for k, v in kwargs.items() if k in GENERATION_FIELDS}
+    if "top_k" in keywords and keywords["top_k"] is None:
+        # keywords come after transformers' defaults, so None there is a setting: no top-k. (Other knobs'
+        # None does what their default does; eos_token_id=None stops nowhere.)
+        keywords["top_k"] = 0
+    return ResolvedGeneration(**{**own, **given, **keywords})
 
 
 def new_tokens(cfg: GenerationConfig, prompt: int, block: int) -> int:

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from bigmodel.config import GenerationConfig
 from bigmodel.data.tokenizer import Tokenizer
 from bigmodel.errors import UserError
+from bigmodel.generation import config_for
 from bigmodel.models.gpt import GPT
 from bigmodel.nn.attention import KVCache
 from conftest import tiny_gpt
@@ -486,9 +487,26 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
     (tmp_path / "generation_config.json").write_text(json.dumps({**raw, "num_beams": 4, "no_repeat_ngram_size": 2}))
     with pytest.warns(UserWarning, match="no_repeat_ngram_size, num_beams not applied by bigmodel's generate"):
         GPT.from_pretrained(tmp_path)
+    # a value a call cannot run with is refused by the call, where a keyword may mend it (as transformers)
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_p": 2.0}))
-    with pytest.raises(UserError, match=r"generation_config.json: top_p=2.0 must be in \(0, 1\]"):
+    odd = GPT.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"top_p=2.0 must be in \(0, 1\]"):
+        odd.generate(idx, max_new_tokens=2)
+    assert odd.generate(idx, max_new_tokens=2, top_p=0.9).shape == (2, 7)
+    assert odd.generate(idx, max_new_tokens=2, do_sample=False).shape == (2, 7)
+    for raw, message in [
+        ({"max_length": 12.0}, "max_length=12.0 must be an integer"),
+        ({"do_sample": True, "temperature": "0.7"}, "temperature='0.7' must be a number"),
+        ({"eos_token_id": "95"}, "eos_token_id='95' must be a token id or a list of them"),
+    ]:
+        (tmp_path / "generation_config.json").write_text(json.dumps(raw))
+        with pytest.raises(ValueError, match=message):
+            GPT.from_pretrained(tmp_path).generate(idx, max_new_tokens=2)
+    (tmp_path / "generation_config.json").write_text("[]")
+    with pytest.raises(UserError, match="holds list, not a JSON object"):
         GPT.from_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "seed": 5}))
+    assert config_for(model, {}, HFGenerationConfig.from_pretrained(tmp_path)).seed is None  # as transformers
 
     # save_pretrained writes what the config sets, and transformers reads the same knobs back
     model.generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9)

@@ -130,15 +130,13 @@ def generation_config_from_hf(path: Path, cfg: dict[str, Any]) -> GenerationConf
         raw = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"{file} holds {type(raw).__name__}, not a JSON object")
     ignored = sorted(not_applied(raw) + (["seed"] if raw.get("seed") is not None else []))
     if ignored:
         warnings.warn(f"{file}: {', '.join(ignored)} not applied by bigmodel's generate", stacklevel=3)
-    try:
-        config = GenerationConfig(**settings_of({k: v for k, v in raw.items() if k not in ignored}, str(file)))
-        config.resolved()  # (checks the values)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{file}: {e}") from e
-    return config
+    # (its values are checked when a call runs, where keywords may mend them, as transformers does)
+    return GenerationConfig(**settings_of({k: v for k, v in raw.items() if k not in ignored}, str(file)))
 
 
 def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
