@@ -13,6 +13,7 @@ import json
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -361,14 +362,21 @@ class ResolvedGeneration(GenerationConfig):
             if not ok:
                 raise ValueError(message)
 
-        for name, kind in _GENERATION_TYPES.items():
+        if self.max_new_tokens is not None:
+            self.max_length = None  # max_new_tokens wins: an unused max_length is not checked either
+        for name, kind in _GENERATION_TYPES.items():  # (numpy's and torch's scalars too, as plain numbers)
             value = getattr(self, name)
-            check(value is None or isinstance(value, kind), f"{name}={value!r} must be {_KIND_NAMES[kind]}")
-        eos = self.eos_token_id
-        check(
-            eos is None or isinstance(eos, int) or (isinstance(eos, list) and all(isinstance(e, int) for e in eos)),
-            f"eos_token_id={eos!r} must be a token id or a list of them",
-        )
+            if value is not None:
+                setattr(self, name, _plain(value, kind, f"{name}={value!r} must be {_KIND_NAMES[kind]}"))
+        if self.eos_token_id is not None:
+            ids: Any = self.eos_token_id
+            if hasattr(ids, "tolist") and getattr(ids, "ndim", 0) == 1:  # a numpy array or tensor of ids
+                ids = ids.tolist()
+            message = f"eos_token_id={ids!r} must be a token id or a list of them"
+            many = isinstance(ids, list | tuple)
+            self.eos_token_id = [_plain(i, Integral, message) for i in ids] if many else _plain(ids, Integral, message)
+        for token in [*self.stop_ids, *([] if self.pad_token_id is None else [self.pad_token_id])]:
+            check(0 <= token < 2**63, f"token id {token} (eos_token_id, pad_token_id) must be in [0, 2**63)")
 
         check(
             self.max_new_tokens is None or self.max_new_tokens >= 1,
@@ -389,20 +397,31 @@ class ResolvedGeneration(GenerationConfig):
         return self
 
 
-_INT, _NUMBER = int, (int, float)
-_KIND_NAMES: dict[Any, str] = {_INT: "an integer", _NUMBER: "a number"}
-_GENERATION_TYPES: dict[str, Any] = {
-    "max_new_tokens": _INT,
-    "max_length": _INT,
-    "top_k": _INT,
-    "num_return_sequences": _INT,
-    "pad_token_id": _INT,
-    "seed": _INT,
-    "temperature": _NUMBER,
-    "top_p": _NUMBER,
-    "min_p": _NUMBER,
-    "repetition_penalty": _NUMBER,
+_GENERATION_TYPES: dict[str, type] = {
+    "max_new_tokens": Integral,
+    "max_length": Integral,
+    "top_k": Integral,
+    "num_return_sequences": Integral,
+    "pad_token_id": Integral,
+    "seed": Integral,
+    "temperature": Real,
+    "top_p": Real,
+    "min_p": Real,
+    "repetition_penalty": Real,
 }
+
+
+_KIND_NAMES: dict[type, str] = {Integral: "an integer", Real: "a number"}
+
+
+def _plain(value: Any, kind: type, message: str) -> Any:
+    """`value` as a Python int (kind Integral) or float (Real), numpy's and torch's scalars too; a ValueError
+    with `message` for anything else (bools and strings among them)."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a numpy scalar or 0-d tensor
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(message)
+    return int(value) if kind is Integral else float(value)  # type: ignore[call-overload, arg-type]
 # transformers' generation settings that change nothing bigmodel's generate does, or that hold its defaults
 # (transformers' GenerationConfig._get_default_generation_params)
 _GENERATION_INERT = {"bos_token_id", "transformers_version", "_from_model_config", "use_cache"}

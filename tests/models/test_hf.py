@@ -489,7 +489,8 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
         GPT.from_pretrained(tmp_path)
     # a value a call cannot run with is refused by the call, where a keyword may mend it (as transformers)
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_p": 2.0}))
-    odd = GPT.from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"generation_config.json: top_p=2.0 must be in \(0, 1\]; calls must set"):
+        odd = GPT.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"top_p=2.0 must be in \(0, 1\]"):
         odd.generate(idx, max_new_tokens=2)
     assert odd.generate(idx, max_new_tokens=2, top_p=0.9).shape == (2, 7)
@@ -498,10 +499,26 @@ def test_generate_starts_from_the_directorys_generation_config_as_transformers_d
         ({"max_length": 12.0}, "max_length=12.0 must be an integer"),
         ({"do_sample": True, "temperature": "0.7"}, "temperature='0.7' must be a number"),
         ({"eos_token_id": "95"}, "eos_token_id='95' must be a token id or a list of them"),
+        ({"do_sample": True, "top_k": True}, "top_k=True must be an integer"),
     ]:
         (tmp_path / "generation_config.json").write_text(json.dumps(raw))
+        with pytest.warns(UserWarning, match=message):
+            bad = GPT.from_pretrained(tmp_path)
         with pytest.raises(ValueError, match=message):
-            GPT.from_pretrained(tmp_path).generate(idx, max_new_tokens=2)
+            bad.generate(idx)
+    assert bad.generate(idx, max_new_tokens=2, top_k=5).shape == (2, 7)  # mended by a keyword
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 0}))
+    with pytest.warns(UserWarning, match="max_length=0"):
+        unused = GPT.from_pretrained(tmp_path)
+    assert unused.generate(idx, max_new_tokens=2).shape == (2, 7)  # max_new_tokens wins: max_length unused
+    import numpy as np  # numpy's and torch's scalars and id arrays, as transformers takes them
+
+    for kw in [
+        dict(max_new_tokens=np.int64(2), pad_token_id=np.int64(0), eos_token_id=[np.int64(5)]),
+        dict(max_new_tokens=2, eos_token_id=torch.tensor([5, 6]), top_p=np.float32(0.9)),
+        dict(max_new_tokens=torch.tensor(2), eos_token_id=(5, 6)),
+    ]:
+        assert unused.generate(idx, **kw).shape[0] == 2, kw
     (tmp_path / "generation_config.json").write_text("[]")
     with pytest.raises(UserError, match="holds list, not a JSON object"):
         GPT.from_pretrained(tmp_path)

@@ -135,8 +135,12 @@ def generation_config_from_hf(path: Path, cfg: dict[str, Any]) -> GenerationConf
     ignored = sorted(not_applied(raw) + (["seed"] if raw.get("seed") is not None else []))
     if ignored:
         warnings.warn(f"{file}: {', '.join(ignored)} not applied by bigmodel's generate", stacklevel=3)
-    # (its values are checked when a call runs, where keywords may mend them, as transformers does)
-    return GenerationConfig(**settings_of({k: v for k, v in raw.items() if k not in ignored}, str(file)))
+    config = GenerationConfig(**settings_of({k: v for k, v in raw.items() if k not in ignored}, str(file)))
+    try:  # values a call cannot run with: named now, refused by the calls that keep them (as transformers)
+        config.resolved()
+    except ValueError as e:
+        warnings.warn(f"{file}: {e}; calls must set it themselves", stacklevel=3)
+    return config
 
 
 def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
