@@ -220,6 +220,14 @@ def test_keywords_come_after_the_defaults_as_in_transformers(model: GPT) -> None
     with pytest.raises(ValueError, match="unknown generation argument.*epsilon_cutoff"):
         config_for(m, {"epsilon_cutoff": 0.1})
     m.generation_config = GenerationConfig(do_sample=True, temperature=0.0, num_return_sequences=0)
+    assert config_for(m, {"eos_token_id": -1, "pad_token_id": 0, "temperature": 0.7, "num_return_sequences": 1})
+    for bad, message in [
+        ({"eos_token_id": -1}, r"the pad id -1 \(pad_token_id, else the first eos id\) must be in"),
+        ({"temperature": 10**400}, "temperature=.* must be a number"),
+        ({"max_new_tokens": 5.0}, "max_new_tokens=5.0 must be an integer"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            config_for(m, {"temperature": 0.7, "num_return_sequences": 1, **bad})
     mended = config_for(m, {"temperature": 0.7, "num_return_sequences": 1})  # keywords mend the model's
     assert (mended.temperature, mended.num_return_sequences) == (0.7, 1)
     assert not config_for(m, {"do_sample": False, "num_return_sequences": 1}).do_sample

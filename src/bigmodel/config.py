@@ -375,8 +375,12 @@ class ResolvedGeneration(GenerationConfig):
             message = f"eos_token_id={ids!r} must be a token id or a list of them"
             many = isinstance(ids, list | tuple)
             self.eos_token_id = [_plain(i, Integral, message) for i in ids] if many else _plain(ids, Integral, message)
-        for token in [*self.stop_ids, *([] if self.pad_token_id is None else [self.pad_token_id])]:
-            check(0 <= token < 2**63, f"token id {token} (eos_token_id, pad_token_id) must be in [0, 2**63)")
+        for token in self.stop_ids:
+            check(-(2**63) <= token < 2**63, f"eos_token_id {token} is beyond int64")
+        check(
+            0 <= self.pad_id < 2**63,
+            f"the pad id {self.pad_id} (pad_token_id, else the first eos id) must be in [0, 2**63): set pad_token_id",
+        )
 
         check(
             self.max_new_tokens is None or self.max_new_tokens >= 1,
@@ -421,7 +425,12 @@ def _plain(value: Any, kind: type, message: str) -> Any:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ValueError(message)
-    return int(value) if kind is Integral else float(value)  # type: ignore[call-overload, arg-type]
+    try:
+        return int(value) if kind is Integral else float(value)  # type: ignore[call-overload, arg-type]
+    except OverflowError:  # an integer too large for a float
+        raise ValueError(message) from None
+
+
 # transformers' generation settings that change nothing bigmodel's generate does, or that hold its defaults
 # (transformers' GenerationConfig._get_default_generation_params)
 _GENERATION_INERT = {"bos_token_id", "transformers_version", "_from_model_config", "use_cache"}
