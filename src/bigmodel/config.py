@@ -462,7 +462,7 @@ _GENERATION_DEFAULTS = {
 }
 _NO_DEFAULT = object()
 # what to use instead of transformers' settings bigmodel does not apply
-GENERATION_INSTEAD = {
+_GENERATION_INSTEAD = {
     "num_beams": "beam search is not built (num_beams=1 is accepted): decode greedily or sample",
     "output_scores": "output_logprobs=True returns the chosen tokens' log-probabilities",
     "return_dict_in_generate": "generate returns the ids, and (ids, logprobs) with output_logprobs=True",
@@ -485,7 +485,7 @@ def not_applied(raw: dict[str, Any]) -> list[str]:
 
 def instead_hints(names: list[str]) -> str:
     """What to use instead of the settings named, for an error message ("" when there is nothing to say)."""
-    return "".join(f"; {name}: {GENERATION_INSTEAD[name]}" for name in names if name in GENERATION_INSTEAD)
+    return "".join(f"; {name}: {_GENERATION_INSTEAD[name]}" for name in names if name in _GENERATION_INSTEAD)
 
 
 def settings_of(config: Any, name: str = "generation_config") -> dict[str, Any]:

@@ -301,12 +301,11 @@ def generate(
     them. With output_logprobs=True returns (ids, logprobs (N, new)).
     """
     cfg = config_for(model, kwargs, generation_config)
-    prompts, input_pad = _prompts_from(input_ids, attention_mask)
+    prompts, input_pad, L = _prompts_from(input_ids, attention_mask)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer=... to see text")
-    # lengths count the input's width, columns of padding every row shares included, as transformers counts
+    # lengths count the input's width L, columns of padding every row shares included, as transformers counts
     # them, and the result keeps that width: out[:, input_ids.shape[1]:] are the new tokens
-    L = max(map(len, input_ids)) if _ragged(input_ids) else torch.as_tensor(input_ids).shape[-1]
     cfg.max_new_tokens = new_tokens(cfg, L, model.config.block_size)
     rows = [p for p in prompts for _ in range(cfg.num_return_sequences)]
     results = _complete(model, prompts, cfg, tokenizer if stop_strings else None, stop_strings, output_logprobs)
@@ -325,15 +324,11 @@ def generate(
     return out, lps
 
 
-def _ragged(input_ids: Any) -> bool:
-    """Whether input_ids is a list of id lists (of any lengths), not a tensor or one list of ids."""
-    return isinstance(input_ids, list) and bool(input_ids) and isinstance(input_ids[0], list)
-
-
-def _prompts_from(input_ids: Any, attention_mask: Any) -> tuple[list[list[int]], int | None]:
+def _prompts_from(input_ids: Any, attention_mask: Any) -> tuple[list[list[int]], int | None, int]:
     """One list of real token ids per row of `input_ids` (a tensor or lists, ragged lists too), keeping the
-    tokens `attention_mask` marks; and the id of the padding the mask left out (None without any)."""
-    ragged = _ragged(input_ids)
+    tokens `attention_mask` marks; the id of the padding the mask left out (None without any); and the
+    input's width (its longest row, padding included)."""
+    ragged = isinstance(input_ids, list) and bool(input_ids) and isinstance(input_ids[0], list)
     if ragged:
         rows = [list(map(int, p)) for p in input_ids]
     else:
@@ -342,15 +337,16 @@ def _prompts_from(input_ids: Any, attention_mask: Any) -> tuple[list[list[int]],
         if ids.dim() != 2 or ids.size(1) == 0:
             raise ValueError(f"input_ids must be (batch, length>=1), got shape {tuple(ids.shape)}")
         rows = ids.tolist()
+    width = max(map(len, rows))
     if attention_mask is None:
-        return rows, None
+        return rows, None, width
     masks = attention_mask.tolist() if hasattr(attention_mask, "tolist") else list(attention_mask)
     masks = [masks] if not ragged and len(rows) == 1 and masks and not isinstance(masks[0], list) else masks
     if len(masks) != len(rows) or any(len(m) != len(r) for m, r in zip(masks, rows, strict=False)):
         raise ValueError("attention_mask must have the shape of input_ids")
     kept = [[t for t, m in zip(r, ms, strict=True) if m] for r, ms in zip(rows, masks, strict=True)]
     pairs = (pair for r, ms in zip(rows, masks, strict=True) for pair in zip(r, ms, strict=True))
-    return kept, next((t for t, m in pairs if not m), None)
+    return kept, next((t for t, m in pairs if not m), None), width
 
 
 # ----- text: incremental decoding and stop strings ----------------------------------------------------------

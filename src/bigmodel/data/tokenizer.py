@@ -13,7 +13,6 @@ vocabulary size, and `tokenize`, `convert_tokens_to_ids`, `convert_ids_to_tokens
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -111,7 +110,10 @@ class Tokenizer:
         tok = cls._from_files(path)
         if not path.is_dir():
             return tok
-        config, special = _json_object(path / "tokenizer_config.json"), _json_object(path / "special_tokens_map.json")
+        config, special = (
+            atomic.read_json_object(f) if f.is_file() else {}
+            for f in (path / "tokenizer_config.json", path / "special_tokens_map.json")
+        )
         limit = config.get("model_max_length")
         if isinstance(limit, int) and 0 < limit < NO_LIMIT:  # (older bigmodel directories wrote 1e9 for none)
             tok.model_max_length = limit
@@ -362,19 +364,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
-
-
-def _json_object(file: Path) -> dict[str, Any]:
-    """A transformers tokenizer file's JSON object ({} when the file is missing)."""
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{file} holds {type(data).__name__}, not a JSON object")
-    return data
 
 
 def _bytes_to_unicode() -> dict[str, int]:

@@ -11,7 +11,6 @@ GPT directories stay Hugging Face GPT-2 directories (models/hf.py); `load_model`
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -35,13 +34,7 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise UserError(f"{path} is not a model directory (no config.json)")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{file} is not a JSON object")
-    return data
+    return atomic.read_json_object(file)
 
 
 class PretrainedModel(nn.Module):

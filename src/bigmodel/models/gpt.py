@@ -111,11 +111,6 @@ class LMOutput(_LogitsAndLoss):
         return tuple(x for x in (self.loss, self.logits, self.cache, self.hidden_states) if x is not None)
 
 
-def _keeps_all(logits_to_keep: int | torch.Tensor) -> bool:
-    """Whether transformers' logits_to_keep asks for every position's logits (its default, 0)."""
-    return isinstance(logits_to_keep, int) and logits_to_keep == 0
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -219,7 +214,8 @@ class GPT(nn.Module):
           logits_to_keep    n > 0: logits of the last n positions only; or a 1-D tensor of the positions to keep
           return_dict=False transformers' tuple (LMOutput.to_tuple) instead of the LMOutput
         """
-        if last_only and not _keeps_all(logits_to_keep):
+        keep_some = not (isinstance(logits_to_keep, int) and logits_to_keep == 0)  # (transformers' 0: all)
+        if last_only and keep_some:
             raise ValueError("pass last_only or logits_to_keep, not both")
         if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() != 1:
             raise ValueError(f"logits_to_keep: a count or a 1-D tensor of positions, not {tuple(logits_to_keep.shape)}")
@@ -231,7 +227,7 @@ class GPT(nn.Module):
         idx, cache, attn_mask = self._resolve_inputs(
             idx=idx, input_ids=input_ids, attention_mask=attention_mask, attn_mask=attn_mask,
             targets=targets, labels=labels, cache=cache, past_key_values=past_key_values, use_cache=use_cache,
-            last_only=last_only or not _keeps_all(logits_to_keep),
+            last_only=last_only or keep_some,
         )
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -260,7 +256,7 @@ class GPT(nn.Module):
             hidden.append(x)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): generation needs only the next-token logits
-        elif not _keeps_all(logits_to_keep):
+        elif keep_some:
             x = x[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else x[:, logits_to_keep]
         logits = self.lm_head(x)  # (B, T, V)
         loss = None

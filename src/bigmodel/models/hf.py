@@ -126,12 +126,7 @@ def generation_config_from_hf(path: Path, cfg: dict[str, Any]) -> GenerationConf
     file = path / "generation_config.json"
     if not file.is_file():
         return GenerationConfig(**{k: cfg[k] for k in ("eos_token_id", "pad_token_id") if cfg.get(k) is not None})
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise UserError(f"{file} holds {type(raw).__name__}, not a JSON object")
+    raw = atomic.read_json_object(file)
     ignored = sorted(not_applied(raw) + (["seed"] if raw.get("seed") is not None else []))
     if ignored:
         warnings.warn(f"{file}: {', '.join(ignored)} not applied by bigmodel's generate", stacklevel=3)

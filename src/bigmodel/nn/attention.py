@@ -117,8 +117,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
         if cache is None:
-            dropout = self.dropout if self.training else 0.0
             if attn_mask is None:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
             else:  # padded rows: the mask says which keys each query sees
@@ -126,7 +126,6 @@ class CausalSelfAttention(nn.Module):
         else:
             start = cache.pos
             k, v = cache.update(layer, k, v)  # (B, nh, start+T, hd)
-            dropout = self.dropout if self.training else 0.0
             if T == 1 and not dropout:  # decoding: one query per row; plain matmuls beat SDPA's kernels ~10x here
                 y = attend_one(q, k, v, attn_mask)
             else:  # several new tokens: the mask given (padded rows), else causal after the whole cached prefix
