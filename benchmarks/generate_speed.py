@@ -11,10 +11,12 @@ compute-bound and does not) as tokens/s, their ratio, and their fraction of the 
 weight bytes read per decoding step against the machine's measured read bandwidth. Ours run through the
 engine's step iterator (`generation.decode`, what `generate`, the CLI and the server run), transformers'
 `generate` with a streamer; both mark the time of the first new token.
-The host's bandwidth drifts by up to 30% within minutes, and a neighbour on the host slows compute-heavy
-kernels more than plain reads, so every row is timed once per round, `--repeats` rounds, with the
-bandwidth measured after each round: a row's figure is its best round (its median beside it), and the
-limit is the best bandwidth measured so far in the run.
+The host's bandwidth swings by up to 2x within minutes, and a neighbour on the host slows compute-heavy
+kernels more than plain reads, so every row is timed once per round, `--repeats` rounds, each round
+starting with another row: a row's figure is its best round (its median beside it). The bandwidth is
+measured just before and just after every timed row, and each round's steps count against the larger
+of those two readings (the limit at that moment): a row timed while the host is slow is not measured
+against a reading taken while it was fast, nor the other way round.
 
 On a GPU (`--device cuda`) the same rows run on the device: the decoding steps of ours are then the
 model's forward captured as a CUDA graph (models/gpt_graph.py), "op by op" the forward launched kernel by
@@ -205,7 +207,7 @@ def main() -> None:
     where = f"{torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name(device)
     print(
         f"GPT-2 124M shape, random weights; prompt {PROMPT} tokens, {args.new} new tokens, greedy; "
-        f"{where}; {args.repeats} rounds; measured read bandwidth {bw / 1e9:.1f} GB/s"
+        f"{where}; {args.repeats} rounds; read bandwidth at the start {bw / 1e9:.1f} GB/s"
     )
 
     for batch in args.batches:
@@ -220,20 +222,21 @@ def main() -> None:
             time_generate(models[name], ids, 2, name not in op_by_op)
         seconds: dict[str, list[float]] = {name: [] for name in names}  # whole generate calls
         steps: dict[str, list[float]] = {name: [] for name in names}  # their decoding steps alone
-        bandwidths = []
+        near: dict[str, list[float]] = {name: [] for name in names}  # the bandwidth beside each timing
         for r in range(args.repeats):  # rounds of every row: drift of the host slows all rows alike
             for name in names[r:] + names[:r]:  # each round starts with another row
+                before = read_bandwidth(repeats=2, device=device)
                 total, decoding = time_generate(models[name], ids, args.new, name not in op_by_op)
+                near[name].append(max(before, read_bandwidth(repeats=2, device=device)))
                 seconds[name].append(total)
                 steps[name].append(decoding)
-            bandwidths.append(read_bandwidth(repeats=3, device=device))
-        bw = max(bw, *bandwidths)
+        bandwidths = [b for name in names for b in near[name]]
         base = batch * args.new / min(seconds["transformers fp32"])
         base_steps = batch * (args.new - 1) / min(steps["transformers fp32"])
         print(
             f"\nbatch {batch} (greedy tokens identical to transformers in fp32: {same}; read bandwidth "
-            f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f} GB/s between rounds; the limit uses the "
-            f"best so far, {bw / 1e9:.1f} GB/s)"
+            f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f} GB/s beside the timings; each round's "
+            f"limit is the bandwidth beside it)"
         )
         print(f"{'':28s} {'generate, prefill included':^26s}   {'decoding steps alone':^43s}")
         head = f"{'tokens/s':>9s} {'median':>7s} {'ratio':>8s}"
@@ -241,10 +244,14 @@ def main() -> None:
         for name in names:
             best, median = (batch * args.new / f(seconds[name]) for f in (min, statistics.median))
             s_best, s_median = (batch * (args.new - 1) / f(steps[name]) for f in (min, statistics.median))
-            limit = bw * batch / weight_bytes(models[name])  # tokens/s if the weights streamed at the read bandwidth
+            # each round's steps against the tokens/s its weights allow at the bandwidth read beside it
+            shares = [
+                batch * (args.new - 1) / s / (b * batch / weight_bytes(models[name]))
+                for s, b in zip(steps[name], near[name], strict=True)
+            ]
             print(
                 f"{name:28s} {best:9.1f} {median:7.1f} {best / base:7.2f}x   {s_best:9.1f} {s_median:7.1f} "
-                f"{s_best / base_steps:7.2f}x {s_best / limit:9.0%} {s_median / limit:7.0%}"
+                f"{s_best / base_steps:7.2f}x {max(shares):9.0%} {statistics.median(shares):7.0%}"
             )
 
 
