@@ -108,6 +108,35 @@ def test_compiled_decoder_declines_what_it_cannot_run(monkeypatch: pytest.Monkey
         assert compiled_decoder(q, q.new_cache(1, 8), visible) is None  # the kernel the user asked for
 
 
+def test_bf16_batches_past_eight_rows_decode_op_by_op_where_bf16_is_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the CPU multiplies in bf16, its bf16 matmuls outrun the compiled step's float32 products
+    beyond NATIVE_BF16_MAX_ROWS rows; float32 and int8 weights, and emulated bf16, keep the compiled step."""
+    from bigmodel import hardware
+
+    limit = gpt_numba.NATIVE_BF16_MAX_ROWS
+    fp32 = _model("fp32")
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    int8 = _model("int8")
+
+    def decoder(model: GPT, rows: int) -> object:
+        return compiled_decoder(model, model.new_cache(rows, 8), torch.ones(rows, 4, dtype=torch.bool))
+
+    for native in (True, False):
+        monkeypatch.setattr(hardware, "cpu_has_bf16", lambda native=native: native)
+        assert decoder(bf16, limit) is not None
+        assert (decoder(bf16, limit + 1) is None) == native
+        assert decoder(fp32, limit + 1) is not None and decoder(int8, limit + 1) is not None
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
+    calls = []
+    step = gpt_numba.CompiledDecoder.__call__
+    monkeypatch.setattr(gpt_numba.CompiledDecoder, "__call__", lambda self, *a: calls.append(1) or step(self, *a))
+    prompts = [[(5 * i + j) % V for j in range(4)] for i in range(limit + 1)]
+    steps = list(decode(bf16, prompts, GenerationConfig(max_new_tokens=3)))
+    assert len(steps) == 3 and steps[-1].tokens.shape == (limit + 1,) and not calls  # op by op, to the end
+    list(decode(bf16, prompts[:limit], GenerationConfig(max_new_tokens=3)))
+    assert len(calls) == 2  # the compiled step, after the prefill
+
+
 def test_a_failing_compiled_step_warns_and_continues_op_by_op(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model("int8")
     ref_tokens, ref_logprobs = _run(model, PROMPTS, False, monkeypatch)
