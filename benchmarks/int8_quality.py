@@ -6,8 +6,9 @@
 activations by dequantized weights (BLAS). Decoding runs other kernels: a step's few rows go through
 `models/gpt_numba.py`, whose int8 path also rounds each activation row to int16. This script scores the
 same held-out windows both ways: "steps" feeds each window's tokens one at a time through the KV cache
-(teacher forcing, 16 windows per step: the compiled decoding step), so its perplexity is the one the
-decoding kernels give. fp32 forward and fp32 steps agree up to float rounding, which checks the harness.
+(teacher forcing, 8 windows per step: the compiled decoding step, which bf16 models on CPUs with native
+bf16 take up to 8 rows), so its perplexity is the one the decoding kernels give; the table says which
+path each dtype's steps took. fp32 forward and fp32 steps agree up to float rounding, which checks the harness.
 bf16 differs by design between the two: its forward computes in bf16, its compiled steps in float32 from
 the bf16 weights and a bf16 KV cache.
 """
@@ -27,6 +28,8 @@ from bigmodel.evaluation import check_same_tokenizer, resolve_model_dir
 from bigmodel.generation import cast_for_inference, compiled_decoder
 from bigmodel.models.gpt import GPT
 
+WINDOWS = 8  # windows scored together: rows of a decoding step (bf16 on native-bf16 CPUs: at most 8 compiled)
+
 
 @torch.inference_mode()
 def nll_forward(model: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -36,9 +39,10 @@ def nll_forward(model: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def nll_steps(model: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
+def nll_steps(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
     """The same sum, one position at a time through the cache: the first token by the forward (prefill),
-    the rest by the compiled decoding step (or op by op where it does not apply)."""
+    the rest by the compiled decoding step (or op by op where it does not apply); and whether the compiled
+    step ran."""
     B, T = x.shape
     cache = model.new_cache(B, T)
     logits, _ = model(x[:, :1], cache=cache)
@@ -50,7 +54,7 @@ def nll_steps(model: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
         else:
             logits, _ = model(x[:, t : t + 1], cache=cache)
         total += F.cross_entropy(logits[:, -1].float(), y[:, t], reduction="sum").item()
-    return total
+    return total, step is not None
 
 
 def main() -> None:
@@ -67,19 +71,23 @@ def main() -> None:
     shards = TokenShards(args.data, "val")
     block = fp32.config.block_size
     sums = {(dtype, path): 0.0 for dtype in models for path in ("forward", "steps")}
+    compiled = dict.fromkeys(models, True)
     count = 0
-    for x, y in eval_batches(shards, block, 16, args.max_tokens):
+    for x, y in eval_batches(shards, block, WINDOWS, args.max_tokens):
         if x.shape[1] < 2:
             continue
         for dtype, model in models.items():
             sums[dtype, "forward"] += nll_forward(model, x, y)
-            sums[dtype, "steps"] += nll_steps(model, x, y)
+            total, ran = nll_steps(model, x, y)
+            sums[dtype, "steps"] += total
+            compiled[dtype] &= ran
         count += y.numel()
     ppl = {key: math.exp(total / count) for key, total in sums.items()}
     print(f"{model_dir}: {count} held-out tokens, windows of {block}")
     print(f"{'':8s} {'forward':>10s} {'steps':>10s}")
     for dtype in models:
-        print(f"{dtype:8s} {ppl[dtype, 'forward']:10.3f} {ppl[dtype, 'steps']:10.3f}")
+        path = "compiled step" if compiled[dtype] else "op by op (the compiled step did not apply)"
+        print(f"{dtype:8s} {ppl[dtype, 'forward']:10.3f} {ppl[dtype, 'steps']:10.3f}  steps: {path}")
     for dtype in ("bf16", "int8"):
         for path in ("forward", "steps"):
             change = ppl[dtype, path] / ppl["fp32", path] - 1

@@ -170,7 +170,8 @@ def compiled_decoder(model: GPT, cache: Any, visible: torch.Tensor) -> Any | Non
     - on CPUs, the compiled step (models/gpt_numba.py): GPT's own classes without forward hooks, float32,
       bf16 or numba-int8 weights, at most 16 rows (bf16 on CPUs with native bf16: 8), numba installed. The
       same results to float32 rounding, except for bf16 models, whose compiled step computes in float32
-      (bf16 weights and KV cache, float32 activations and sums) where their forward computes in bf16;
+      (bf16 weights and KV cache, float32 activations and sums) where their forward computes in bf16 (so
+      on CPUs with native bf16, a bf16 call of more than 8 rows computes its steps in bf16);
     - on CUDA devices, the model's forward with fixed shapes captured as a CUDA graph (models/gpt_graph.py):
       GPT's own classes (any Linear and norm layers) without forward hooks. The same results to the order
       of float additions.
