@@ -8,6 +8,7 @@ from types import ModuleType
 
 import pytest
 
+from bigmodel.compress import int8_kernels
 from bigmodel.data.loader import TokenShards, eval_batches
 from bigmodel.generation import cast_for_inference
 from bigmodel.models.gpt import GPT
@@ -22,11 +23,13 @@ def bench() -> ModuleType:
 @pytest.mark.parametrize("dtype", ["fp32", "int8", "bf16"])
 def test_steps_score_what_the_forward_scores(bench: ModuleType, tiny_run: tuple, bpe_data: Path, dtype: str) -> None:
     model = cast_for_inference(GPT.from_pretrained(tiny_run[0].run_dir / "final"), dtype)
-    x, y = next(iter(eval_batches(TokenShards(bpe_data, "val"), model.config.block_size, 16)))
-    forward, steps = bench.nll_forward(model, x, y), bench.nll_steps(model, x, y)
+    x, y = next(iter(eval_batches(TokenShards(bpe_data, "val"), model.config.block_size, bench.WINDOWS)))
+    forward, (steps, compiled) = bench.nll_forward(model, x, y), bench.nll_steps(model, x, y)
     # fp32: float rounding only; int8: the decoding kernel also rounds activations to int16; bf16: the
     # forward computes in bf16, the steps in float32 from the same weights
     assert steps == pytest.approx(forward, rel={"fp32": 1e-5, "int8": 1e-4, "bf16": 1e-3}[dtype])
+    # every dtype's steps, bf16 on native-bf16 CPUs too, through the compiled step (where numba is installed)
+    assert compiled == int8_kernels.available()
 
 
 def test_prints_both_paths_and_the_changes(
@@ -38,5 +41,6 @@ def test_prints_both_paths_and_the_changes(
     out = capsys.readouterr().out
     for line in ("fp32 ", "bf16 ", "int8 ", "int16 activations"):
         assert line in out
+    assert out.count("steps: compiled step") == (3 if int8_kernels.available() else 0)
     for dtype in ("bf16", "int8"):
         assert f"{dtype} against fp32, forward:" in out and f"{dtype} against fp32, steps:" in out
