@@ -109,7 +109,7 @@ def read_bandwidth(mb: int = 512, repeats: int = 5, device: str = "cpu") -> floa
     """Bytes/s of a streaming read over a buffer larger than the caches: the best of `repeats` runs of torch's
     sum and of a compiled parallel sum (numba), whichever is faster. torch's sum alone stays ~20% below what
     plain loads reach here, and the fp32 decoding kernels read their weights faster than it. On a CUDA
-    device, torch's sum there."""
+    device, eight of torch's sums there per run."""
     size, readers = _readers(mb, device)
     best = 0.0
     for read in readers:
@@ -131,6 +131,16 @@ def weight_bytes(model: torch.nn.Module) -> int:
         for name, t in named.items()
         if "wpe" not in name and not (untied and "wte" in name)
     )
+
+
+def shares(step_seconds: list[float], limits: list[float], step_bytes: int, peak: float) -> tuple[float, ...]:
+    """A row's share of the bandwidth limit from its rounds: the seconds of each round's decoding steps,
+    the bandwidth read beside each round (bytes/s), the bytes those steps read, the run's best reading.
+    Returns the fastest round's share (against its own reading), the median of the rounds' shares, and
+    the fastest round's share of the peak (a lower bound)."""
+    each = [step_bytes / s / b for s, b in zip(step_seconds, limits, strict=True)]
+    fastest = step_seconds.index(min(step_seconds))
+    return each[fastest], statistics.median(each), step_bytes / step_seconds[fastest] / peak
 
 
 def hf_generate(hf: torch.nn.Module, ids: torch.Tensor, new: int, streamer: object = None) -> torch.Tensor:
@@ -265,16 +275,14 @@ def main() -> None:
         for name in names:
             best, median = (batch * args.new / f(seconds[name]) for f in (min, statistics.median))
             s_best, s_median = (batch * (args.new - 1) / f(steps[name]) for f in (min, statistics.median))
-            # each round's steps against the tokens/s its weights allow at the bandwidth read beside it
-            per_byte = (args.new - 1) * weight_bytes(models[name])  # bytes one row's steps read
-            shares = [per_byte / s / b for s, b in zip(steps[name], near[name], strict=True)]
-            fastest = shares[steps[name].index(min(steps[name]))]
-            median_share = statistics.median(shares)
+            # each round's steps against the bandwidth read beside it (per row: batch rows share the weights)
+            fastest, median_share, of_peak = shares(
+                steps[name], near[name], (args.new - 1) * weight_bytes(models[name]), peak
+            )
             mark = "  (over 100%: a reading too low)" if max(fastest, median_share) > 1 else ""
             print(
                 f"{name:28s} {best:9.1f} {median:7.1f} {best / base:7.2f}x   {s_best:9.1f} {s_median:7.1f} "
-                f"{s_best / base_steps:7.2f}x {fastest:9.0%} {median_share:7.0%} "
-                f"{per_byte / min(steps[name]) / peak:8.0%}{mark}"
+                f"{s_best / base_steps:7.2f}x {fastest:9.0%} {median_share:7.0%} {of_peak:8.0%}{mark}"
             )
 
 

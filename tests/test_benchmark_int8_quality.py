@@ -28,8 +28,11 @@ def test_steps_score_what_the_forward_scores(bench: ModuleType, tiny_run: tuple,
     # fp32: float rounding only; int8: the decoding kernel also rounds activations to int16; bf16: the
     # forward computes in bf16, the steps in float32 from the same weights
     assert steps == pytest.approx(forward, rel={"fp32": 1e-5, "int8": 1e-4, "bf16": 1e-3}[dtype])
-    # every dtype's steps, bf16 on native-bf16 CPUs too, through the compiled step (where numba is installed)
+    # every dtype's steps through the compiled step where numba is installed; bf16 on native-bf16 CPUs too,
+    # which takes at most NATIVE_BF16_MAX_ROWS rows (checked here also on CPUs without native bf16)
     assert compiled == int8_kernels.available()
+    kernels = int8_kernels.compiled()
+    assert kernels is None or bench.WINDOWS <= kernels.NATIVE_BF16_MAX_ROWS
 
 
 def test_prints_both_paths_and_the_changes(
