@@ -196,8 +196,9 @@ class Tokenizer:
         """Token ids (a list, or a 1-D tensor such as `model.generate(...)[0]`) -> text, byte for byte.
         clean_up_tokenization_spaces is taken and changes nothing, as in transformers 5 for byte-level BPE
         (its clean-up, meant for WordPiece, would remove spaces the text has)."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else [ids] if isinstance(ids, int) else list(ids)
-        return str(self.tok.decode([ids] if isinstance(ids, int) else ids, skip_special_tokens=skip_special_tokens))
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids  # (a 0-d tensor gives an int)
+        ids = [ids] if isinstance(ids, int) else list(ids)
+        return str(self.tok.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def tokenize(self, text: str) -> list[str]:
         """Text -> its tokens as strings (byte-level: a leading space reads as 'Ġ'), as transformers' tokenize."""

@@ -720,6 +720,9 @@ class CompiledDecoder:
         M = visible.shape[0]
         if M > MAX_ROWS or not _usable:
             return None
+        bf16 = any(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in model.modules())
+        if bf16 and M > NATIVE_BF16_MAX_ROWS and hardware.cpu_has_bf16():
+            return None
         k, v = _view(cache.k), _view(cache.v)
         if k is None or v is None or not (cache.k.is_contiguous() and cache.v.is_contiguous()):  # (KVCache's are)
             return None
@@ -741,9 +744,6 @@ class CompiledDecoder:
             layers.append(parts)
         ln_f, lm_head = _norm(t.ln_f), _linear(model.lm_head)
         if ln_f is None or lm_head is None:
-            return None
-        bf16 = any(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in model.modules())
-        if bf16 and M > NATIVE_BF16_MAX_ROWS and hardware.cpu_has_bf16():
             return None
         mask = np.zeros((M, cache.max_len), dtype=np.bool_)
         mask[:, : visible.shape[1]] = visible.cpu().numpy()

@@ -228,12 +228,9 @@ def load_gpt(path: str | Path, allow_pickle: bool = False, dtype: torch.dtype | 
             f"model directory {path} does not exist; pass a directory written by `bigmodel train` "
             "(RUN/final) or by transformers' save_pretrained"
         )
-    try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise UserError(f"{path} has no config.json; it is not a model directory") from e
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json; it is not a model directory")
+    cfg = atomic.read_json_object(path / "config.json")
     config = gpt_config_from_hf(cfg, path / "config.json")
     auto = dtype == "auto"
     want = torch.float32 if dtype is None or auto else _named_dtype(dtype)  # (checked before reading weights)
